@@ -1,0 +1,1 @@
+"""Apache Beam pipeline: raw interactions or logged lists -> candidate-list TFRecords."""

@@ -1,0 +1,244 @@
+"""Per-user list construction: the cascade protocol and the paper's, as pure functions.
+
+Everything here works on one user's timeline at a time, so the Beam pipeline can run it in
+parallel over users with no global state except the retriever's embedding tables.
+See ../shared/PROTOCOL.md for the rules and why they are what they are.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from collections.abc import Iterator, Sequence
+from typing import NamedTuple
+
+import numpy as np
+
+from dnr_tf import schema as S
+
+
+class Interaction(NamedTuple):
+    """One interaction as read from a source; `file` and `line` point back at the input."""
+
+    user: int
+    item: int
+    timestamp: int
+    rating: float
+    file: str = ""
+    line: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Retriever:
+    """Matrix factorisation tables: score(u, i) = sigmoid(u . v_i + b_i + b_u + b).
+
+    Attributes:
+        item_ids: `[num_items]` raw ids, in table order.
+        item_emb: `[num_items, dim]`.
+        item_bias: `[num_items]`.
+        global_bias: scalar.
+    """
+
+    item_ids: np.ndarray
+    item_emb: np.ndarray
+    item_bias: np.ndarray
+    global_bias: float
+
+    def logits(self, user_vec: np.ndarray, user_bias: float) -> np.ndarray:
+        """`[num_items]` logits of one user over the whole catalogue."""
+        return self.item_emb @ user_vec + self.item_bias + user_bias + self.global_bias
+
+    def top_k(
+        self,
+        user_vec: np.ndarray,
+        user_bias: float,
+        exclude: set[int],
+        k: int,
+        must_exclude_idx: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The `k` best items for a user, excluding raw ids in `exclude`.
+
+        Returns:
+            (raw item ids `[k']`, scores in (0, 1) `[k']`), best first, k' <= k; ties broken by
+            table order so the result is deterministic.
+        """
+        logits = self.logits(user_vec, user_bias).astype(np.float64)
+        if exclude:
+            mask = np.isin(self.item_ids, np.fromiter(exclude, np.int64, len(exclude)))
+            logits[mask] = -np.inf
+        available = int(np.isfinite(logits).sum())
+        k = min(k, available)
+        if k <= 0:
+            return np.zeros(0, np.int64), np.zeros(0, np.float32)
+        part = np.argpartition(-logits, k - 1)[:k] if k < len(logits) else np.arange(len(logits))
+        order = part[np.lexsort((part, -logits[part]))]
+        return self.item_ids[order], sigmoid(logits[order]).astype(np.float32)
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def stable_fraction(*keys) -> float:
+    """A number in [0, 1) from a stable hash of `keys` (the same on every worker and run)."""
+    digest = hashlib.blake2b(repr(keys).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2.0**64
+
+
+def order_timeline(interactions: Sequence[Interaction]) -> tuple[list[Interaction], list[Interaction]]:
+    """Sorts a user's interactions by (timestamp, item) and drops repeated items.
+
+    Returns:
+        (kept timeline, duplicates): a repeated (user, item) keeps its first occurrence.
+    """
+    ordered = sorted(interactions, key=lambda r: (r.timestamp, r.item, r.file, r.line))
+    seen: set[int] = set()
+    kept, dups = [], []
+    for r in ordered:
+        (dups if r.item in seen else kept).append(r)
+        seen.add(r.item)
+    return kept, dups
+
+
+def retriever_window_size(n: int, fraction: float) -> int:
+    """Interactions of a timeline of length n that train the retriever: floor(fraction * n)."""
+    return int(n * fraction)
+
+
+class ListRecord(dict):
+    """A request's record (the schema's feature names) plus its `split`."""
+
+
+def cascade_lists(
+    user: int,
+    timeline: Sequence[Interaction],
+    user_vec: np.ndarray,
+    user_bias: float,
+    retriever: Retriever,
+    *,
+    retriever_fraction: float,
+    stride: int,
+    history_len: int,
+    list_size: int,
+    horizon: int,
+) -> tuple[list[ListRecord], dict[str, int]]:
+    """The cascade protocol for one user (PROTOCOL.md, steps 4-8).
+
+    Requests start after the retriever window, one every `stride` interactions, and need `horizon`
+    future interactions. Candidates are the retriever's top `list_size` items the user has not
+    consumed before the request, in the retriever's order; positives are those consumed within
+    the next `horizon` interactions, the window truncated where the user's next split begins.
+
+    Returns:
+        (records with their `split`, counters: requests, dropped_no_positive, dropped_truncated).
+    """
+    items = [r.item for r in timeline]
+    n = len(items)
+    start = retriever_window_size(n, retriever_fraction)
+    counts = {"requests": 0, "dropped_no_positive": 0, "dropped_truncated": 0}
+    candidates = []
+    for r in range(start, n - horizon + 1, stride):
+        counts["requests"] += 1
+        ids, scores = retriever.top_k(user_vec, user_bias, set(items[:r]), list_size)
+        positives_any = set(items[r : r + horizon]) & set(ids.tolist())
+        if not positives_any:
+            counts["dropped_no_positive"] += 1
+            continue
+        candidates.append((r, ids, scores))
+    return _split_and_label(user, timeline, candidates, horizon, history_len, counts)
+
+
+def _split_and_label(user, timeline, candidates, horizon, history_len, counts):
+    """Assigns splits (last kept list -> test, the one before -> valid) and truncates labels."""
+    items = [r.item for r in timeline]
+    n = len(candidates)
+    splits = ["train"] * n
+    if n >= 1:
+        splits[-1] = "test"
+    if n >= 2:
+        splits[-2] = "valid"
+    # A list's label window ends where the user's next split begins, so no train (valid) label
+    # comes from the valid (test) period.
+    split_start = {}
+    for (r, _, _), split in zip(candidates, splits):
+        split_start.setdefault(split, r)
+    next_start = {"train": split_start.get("valid", split_start.get("test")), "valid": split_start.get("test")}
+    records = []
+    for (r, ids, scores), split in zip(candidates, splits):
+        end = r + horizon
+        limit = next_start.get(split)
+        if limit is not None:
+            end = min(end, limit)
+        future = set(items[r:end])
+        labels = [int(i in future) for i in ids.tolist()]
+        if not any(labels):
+            counts["dropped_truncated"] += 1
+            continue
+        records.append(_record(user, timeline, r, ids, scores, labels, split, history_len))
+    return records, counts
+
+
+def _record(user, timeline, r, ids, scores, labels, split, history_len) -> ListRecord:
+    ts = timeline[r].timestamp if r < len(timeline) else timeline[-1].timestamp
+    return ListRecord(
+        {
+            S.REQUEST_ID: f"{user}:{r}",
+            S.USER_ID: int(user),
+            S.TIMESTAMP: int(ts),
+            S.ITEM_IDS: [int(i) for i in ids],
+            S.RETRIEVER_SCORES: [float(s) for s in scores],
+            S.LABELS: labels,
+            S.HISTORY: [t.item for t in timeline[max(0, r - history_len) : r]],
+            "split": split,
+        }
+    )
+
+
+def paper_lists(
+    user: int,
+    timeline: Sequence[Interaction],
+    user_vec: np.ndarray,
+    user_bias: float,
+    retriever: Retriever,
+    *,
+    chunk: int,
+    history_len: int,
+    list_size: int,
+) -> tuple[list[ListRecord], dict[str, int]]:
+    """The paper's construction (appendix C.1), for replication only: it leaks labels.
+
+    The timeline is cut into consecutive chunks of `chunk` items (the revealed lists); each list
+    holds the chunk plus the retriever's top `list_size - chunk` other unconsumed items, all in
+    the retriever's order; the chunk's items are the positives.
+    """
+    items = [r.item for r in timeline]
+    counts = {"requests": 0, "dropped_no_positive": 0, "dropped_truncated": 0}
+    records = []
+    starts = list(range(0, len(items) - chunk + 1, chunk))
+    for c, r in enumerate(starts):
+        counts["requests"] += 1
+        revealed = items[r : r + chunk]
+        others, _ = retriever.top_k(user_vec, user_bias, set(items[: r + chunk]), list_size - chunk)
+        ids = np.array(revealed + others.tolist(), np.int64)
+        idx = _table_index(retriever, ids)
+        logits = retriever.item_emb[idx] @ user_vec + retriever.item_bias[idx] + user_bias + retriever.global_bias
+        order = np.lexsort((np.arange(len(ids)), -logits))
+        ids, scores = ids[order], sigmoid(logits[order]).astype(np.float32)
+        labels = [int(i in set(revealed)) for i in ids.tolist()]
+        split = "test" if c == len(starts) - 1 else ("valid" if c == len(starts) - 2 else "train")
+        records.append(_record(user, timeline, r, ids, scores, labels, split, history_len))
+    return records, counts
+
+
+def _table_index(retriever: Retriever, ids: np.ndarray) -> np.ndarray:
+    sorter = np.argsort(retriever.item_ids)
+    return sorter[np.searchsorted(retriever.item_ids, ids, sorter=sorter)]
+
+
+def split_logged_lists(lists: Sequence[dict]) -> Iterator[ListRecord]:
+    """Splits one user's logged lists by time: last -> test, the one before -> valid, rest -> train."""
+    ordered = sorted(lists, key=lambda r: (r[S.TIMESTAMP], r[S.REQUEST_ID]))
+    n = len(ordered)
+    for j, rec in enumerate(ordered):
+        split = "test" if j == n - 1 else ("valid" if j == n - 2 else "train")
+        yield ListRecord({**rec, "split": split})

@@ -1,0 +1,198 @@
+"""The retriever stage: matrix factorisation with random negatives (paper appendix D.1).
+
+Trained between the two Beam stages, in the driver, on the retriever window that the first stage
+wrote (held in memory as `[n, 2]` int64 pairs: 16 bytes an interaction). The tables it saves under
+`<output_dir>/retriever/` are the side input of candidate generation.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import time
+
+import numpy as np
+
+from pipeline.config import RetrieverConfig
+from pipeline.protocol import Retriever
+
+log = logging.getLogger(__name__)
+TABLES = "mf.npz"
+
+
+def load_pairs(pattern: str, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+    """`[n, 2]` (user row, item row) pairs from gzip TSV files, sorted.
+
+    Sorting makes training independent of the order in which Beam workers wrote the lines, so
+    the same seed gives the same retriever on every runner and worker count.
+    """
+    import gzip
+
+    import tensorflow as tf
+
+    rows = []
+    for path in sorted(tf.io.gfile.glob(pattern)):
+        with tf.io.gfile.GFile(path, "rb") as f:
+            text = gzip.decompress(f.read())
+        if text.strip():
+            rows.append(np.loadtxt(io.BytesIO(text), dtype=np.int64, delimiter="\t", ndmin=2))
+    if not rows:
+        return np.zeros((0, 2), np.int64)
+    pairs = np.concatenate(rows)
+    pairs = np.stack([np.searchsorted(users, pairs[:, 0]), np.searchsorted(items, pairs[:, 1])], axis=1)
+    return pairs[np.lexsort((pairs[:, 1], pairs[:, 0]))]
+
+
+def train_mf(
+    train_pattern: str,
+    eval_patterns: dict[str, str],
+    users: np.ndarray,
+    items: np.ndarray,
+    cfg: RetrieverConfig,
+    seed: int,
+    progress=print,
+) -> tuple[Retriever, dict, dict]:
+    """Trains MF on (user, item) pairs; returns the retriever, the user tables, and its metrics.
+
+    Args:
+        train_pattern: gzip TSV files of `user<TAB>item` training pairs.
+        eval_patterns: name -> files of pairs to measure the AUC on (held-out, future).
+        users: `[num_users]` sorted raw user ids (the vocabulary).
+        items: `[num_items]` sorted raw item ids.
+        cfg: hyperparameters.
+        seed: seed of initialisation, shuffling and negative sampling.
+        progress: called with one line per epoch.
+
+    Returns:
+        (retriever, {"user_ids", "user_emb", "user_bias"}, metrics dict with `auc_<name>`).
+    """
+    import keras
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(seed)
+    num_users, num_items = len(users), len(items)
+    init = keras.initializers.RandomNormal(stddev=0.05, seed=seed)
+    user_emb = keras.layers.Embedding(num_users, cfg.dim, embeddings_initializer=init)
+    item_emb = keras.layers.Embedding(
+        num_items, cfg.dim, embeddings_initializer=keras.initializers.RandomNormal(stddev=0.05, seed=seed + 1)
+    )
+    user_bias = keras.layers.Embedding(num_users, 1, embeddings_initializer="zeros")
+    item_bias = keras.layers.Embedding(num_items, 1, embeddings_initializer="zeros")
+    global_bias = tf.Variable(0.0)
+    for layer in (user_emb, item_emb, user_bias, item_bias):
+        layer.build((None,))
+    variables = [user_emb.embeddings, item_emb.embeddings, user_bias.embeddings, item_bias.embeddings, global_bias]
+    optimizer = keras.optimizers.Adam(cfg.learning_rate)
+    optimizer.build(variables)
+    gen = tf.random.Generator.from_seed(seed)
+
+    def logits(u, i):
+        # u: [B], i: [B, m] -> [B, m]
+        ue = user_emb(u)[:, None, :]
+        return tf.reduce_sum(ue * item_emb(i), -1) + tf.squeeze(item_bias(i), -1) + user_bias(u) + global_bias
+
+    @tf.function
+    def step(u, pos):
+        neg = gen.uniform([tf.shape(u)[0], cfg.negatives], 0, num_items, dtype=tf.int64)
+        cand = tf.concat([pos[:, None], neg], axis=1)
+        labels = tf.concat([tf.ones_like(pos[:, None]), tf.zeros_like(neg)], axis=1)
+        with tf.GradientTape() as tape:
+            lg = logits(u, cand)
+            bce = tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(tf.cast(labels, tf.float32), lg))
+            reg = (
+                cfg.l2
+                * (tf.reduce_sum(user_emb(u) ** 2) + tf.reduce_sum(item_emb(cand) ** 2))
+                / tf.cast(tf.shape(u)[0], tf.float32)
+            )
+            loss = bce + reg
+        optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
+        return bce
+
+    train = load_pairs(train_pattern, users, items)
+    if len(train) == 0:
+        raise ValueError(f"the retriever window is empty ({train_pattern})")
+    rng = np.random.default_rng(seed)
+    for epoch in range(cfg.epochs):
+        start = time.time()
+        order = rng.permutation(len(train))
+        losses = [
+            float(
+                step(
+                    tf.constant(train[order[b : b + cfg.batch_size], 0]),
+                    tf.constant(train[order[b : b + cfg.batch_size], 1]),
+                )
+            )
+            for b in range(0, len(train), cfg.batch_size)
+        ]
+        progress(f"  retriever epoch {epoch + 1}/{cfg.epochs}: loss {np.mean(losses):.4f} ({time.time() - start:.1f}s)")
+
+    metrics = {f"auc_{name}": _auc(pattern, users, items, logits, seed) for name, pattern in eval_patterns.items()}
+    retriever = Retriever(
+        item_ids=np.asarray(items, np.int64),
+        item_emb=item_emb.embeddings.numpy().astype(np.float32),
+        item_bias=item_bias.embeddings.numpy()[:, 0].astype(np.float32),
+        global_bias=float(global_bias.numpy()),
+    )
+    user_tables = {
+        "user_ids": np.asarray(users, np.int64),
+        "user_emb": user_emb.embeddings.numpy().astype(np.float32),
+        "user_bias": user_bias.embeddings.numpy()[:, 0].astype(np.float32),
+    }
+    return retriever, user_tables, {**metrics, "num_users": num_users, "num_items": num_items}
+
+
+def _auc(pattern, users, items, logits, seed) -> float:
+    """AUC of positives against uniformly drawn items (one negative per positive)."""
+    import tensorflow as tf
+
+    pairs = load_pairs(pattern, users, items)
+    if len(pairs) == 0:
+        return float("nan")
+    rng = np.random.default_rng(seed + 1)
+    correct, total = 0.0, 0
+    for b in range(0, len(pairs), 4096):
+        u, i = tf.constant(pairs[b : b + 4096, 0]), tf.constant(pairs[b : b + 4096, 1])
+        neg = rng.integers(0, len(items), size=len(u))
+        pos_s = logits(u, i[:, None])[:, 0].numpy()
+        neg_s = logits(u, tf.constant(neg)[:, None])[:, 0].numpy()
+        correct += float((pos_s > neg_s).sum() + 0.5 * (pos_s == neg_s).sum())
+        total += len(pos_s)
+    return correct / total if total else float("nan")
+
+
+def save(retriever: Retriever, user_tables: dict, metrics: dict, directory: str) -> None:
+    import tensorflow as tf
+
+    tf.io.gfile.makedirs(directory)
+    buffer = io.BytesIO()  # np.savez seeks; write to memory, then to any filesystem.
+    np.savez(
+        buffer,
+        item_ids=retriever.item_ids,
+        item_emb=retriever.item_emb,
+        item_bias=retriever.item_bias,
+        global_bias=np.float32(retriever.global_bias),
+        **user_tables,
+    )
+    with tf.io.gfile.GFile(os.path.join(directory, TABLES), "wb") as f:
+        f.write(buffer.getvalue())
+    with tf.io.gfile.GFile(os.path.join(directory, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=2)
+
+
+def load(directory: str) -> tuple[Retriever, dict]:
+    """Loads the tables that `save` wrote (works for any Beam-readable path)."""
+    from apache_beam.io.filesystems import FileSystems
+
+    with FileSystems.open(os.path.join(directory, TABLES)) as f:
+        data = np.load(io.BytesIO(f.read()))
+        arrays = {k: data[k] for k in data.files}
+    retriever = Retriever(
+        item_ids=arrays["item_ids"],
+        item_emb=arrays["item_emb"],
+        item_bias=arrays["item_bias"],
+        global_bias=float(arrays["global_bias"]),
+    )
+    users = {"user_ids": arrays["user_ids"], "user_emb": arrays["user_emb"], "user_bias": arrays["user_bias"]}
+    return retriever, users

@@ -1,0 +1,369 @@
+"""`python -m pipeline.run`: interactions or logged lists -> candidate-list TFRecords.
+
+Example:
+    python -m pipeline.run --source movielens --input ../shared/data/ml-100k/u.data \\
+        --output_dir data/ml100k --direct_num_workers 2 --direct_running_mode multi_processing
+
+Arguments this module does not know are Beam pipeline options and pass through untouched, so
+`--runner FlinkRunner ...` or `--runner DataflowRunner --project ... --temp_location ...` run the
+same code elsewhere. Writes `train|valid|test-*.tfrecord.gz`, `schema.json`, `stats.json`,
+`item_vocab.txt`, `user_vocab.txt`, `rejects-*.jsonl` and `retriever/` into `--output_dir`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from dnr_tf import config_io
+from dnr_tf import schema as S
+from pipeline.config import SOURCES, PipelineConfig
+
+log = logging.getLogger("pipeline")
+
+
+class PipelineError(RuntimeError):
+    """A run that cannot produce a sound data set; the message says why."""
+
+
+def parse_args(argv=None) -> tuple[PipelineConfig, str, list[str]]:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.run",
+        description="Build candidate-list TFRecords from interactions or logged lists. "
+        "Unknown arguments are Apache Beam pipeline options (e.g. --runner, --direct_num_workers).",
+    )
+    parser.add_argument("--source", choices=SOURCES, help="input kind (default: the config's, else synthetic)")
+    parser.add_argument("--input", help="input file, glob or directory (TFDS name for --source tfds)")
+    parser.add_argument("--output_dir", required=True, help="where the data set is written")
+    parser.add_argument("--config", help="YAML file of PipelineConfig values")
+    parser.add_argument("--protocol", choices=("cascade", "paper"), help="list construction (default cascade)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    args, beam_args = parser.parse_known_args(argv)
+    data = config_io.load_yaml(args.config) if args.config else {}
+    for key in ("source", "input", "protocol"):
+        if getattr(args, key) is not None:
+            data[key] = getattr(args, key)
+    data = config_io.apply_overrides(data, args.set)
+    cfg = config_io.from_dict(PipelineConfig, data)
+    return cfg, args.output_dir, beam_args
+
+
+def _clean_outputs(output_dir: str) -> None:
+    """Removes a previous run's outputs so that stale shards never mix with new ones."""
+    import tensorflow as tf
+
+    tf.io.gfile.makedirs(output_dir)
+    for pattern in ("train-*", "valid-*", "test-*", "rejects-*", "stats.json", "schema.json", "*_vocab.txt"):
+        for path in tf.io.gfile.glob(os.path.join(output_dir, pattern)):
+            tf.io.gfile.remove(path)
+    for sub in ("_work", "retriever"):
+        path = os.path.join(output_dir, sub)
+        if tf.io.gfile.exists(path):
+            tf.io.gfile.rmtree(path)
+
+
+def _read_lines(pattern: str) -> list[str]:
+    import tensorflow as tf
+
+    lines = []
+    for path in sorted(tf.io.gfile.glob(pattern)):
+        with tf.io.gfile.GFile(path) as f:
+            lines.extend(line for line in f.read().splitlines() if line.strip())
+    return lines
+
+
+def _interaction_reader(cfg: PipelineConfig):
+    """The read step of an interaction source, after checking the input exists and is readable."""
+    import apache_beam as beam
+
+    from pipeline.sources import files, interactions
+
+    if cfg.source == "tfds":
+        from pipeline.sources.tfds_source import DEFAULT_NAME, read_tfds
+
+        name = cfg.input or DEFAULT_NAME
+
+        class ReadTfds(beam.PTransform):
+            def expand(self, pbegin):
+                return (
+                    pbegin
+                    | "Name" >> beam.Create([name])
+                    | "Load"
+                    >> beam.ParDo(_TaggedFlatMap(read_tfds, cfg.tfds_data_dir)).with_outputs(
+                        files.REJECTS, main="records"
+                    )
+                )
+
+        return ReadTfds()
+    if cfg.source == "movielens":
+        path = interactions.resolve_movielens_input(cfg.input)
+        paths = files.expand_input(path)
+        if cfg.movielens_format == "auto":
+            for p in paths:
+                interactions.detect_movielens_format(p)
+        return files.ReadNumbered(path, interactions.parse_movielens(cfg.movielens_format))
+    paths = files.expand_input(cfg.input)
+    for p in paths:
+        _check_csv_header(p)
+    return files.ReadNumbered(cfg.input, interactions.parse_csv)
+
+
+def _check_csv_header(path: str) -> None:
+    from pipeline.sources import files, interactions
+
+    for number, text, bad in files.numbered_lines(path):
+        if text is None:
+            raise PipelineError(f"{path}:{number}: {bad}")
+        gen = interactions.parse_csv(path, iter([(number, text, None)]))
+        try:
+            list(gen)
+        except ValueError as e:
+            raise PipelineError(str(e)) from None
+        return
+    raise PipelineError(f"{path} is empty: expected a CSV header naming user_id,item_id,timestamp")
+
+
+class _TaggedFlatMap:
+    """Adapts a generator of records / reject dicts to a DoFn with a `rejects` output."""
+
+    def __new__(cls, fn, *args):
+        import apache_beam as beam
+
+        from pipeline.sources.files import REJECTS
+
+        class Fn(beam.DoFn):
+            def process(self, element):
+                for out in fn(element, *args):
+                    if isinstance(out, dict) and "reason" in out:
+                        yield beam.pvalue.TaggedOutput(REJECTS, out)
+                    else:
+                        yield out
+
+        return Fn()
+
+
+def _lists_reader(cfg: PipelineConfig):
+    import apache_beam as beam
+
+    from pipeline.sources import files
+    from pipeline.sources.files import REJECTS
+
+    if cfg.source == "logged":
+        from pipeline.sources.logged import parse_logged
+
+        files.expand_input(cfg.input)
+        return files.ReadNumbered(cfg.input, parse_logged(cfg.list_size))
+
+    from pipeline.sources.synthetic import World, simulate_user
+
+    synthetic, seed, list_size = cfg.synthetic, cfg.seed, cfg.list_size
+
+    class Simulate(beam.DoFn):
+        def setup(self):
+            self._world = World(synthetic, seed)
+
+        def process(self, user):
+            for rec in simulate_user(self._world, user, list_size):
+                yield rec, ("synthetic", 0)
+
+    class ReadSynthetic(beam.PTransform):
+        def expand(self, pbegin):
+            return (
+                pbegin
+                | "Users" >> beam.Create(list(range(1, synthetic.num_users + 1)))
+                | "Reshuffle" >> beam.Reshuffle()
+                | "Simulate" >> beam.ParDo(Simulate()).with_outputs(REJECTS, main="records")
+            )
+
+    return ReadSynthetic()
+
+
+def _run_beam(build, beam_args: list[str], name: str) -> float:
+    import apache_beam as beam
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    start = time.time()
+    options = PipelineOptions(beam_args)
+    with beam.Pipeline(options=options) as p:
+        build(p)
+    seconds = time.time() - start
+    print(f"[pipeline] {name}: {seconds:.1f}s", flush=True)
+    return seconds
+
+
+def run(argv=None) -> dict:
+    """Runs the whole pipeline; returns the stats that it also writes to `stats.json`."""
+    cfg, output_dir, beam_args = parse_args(argv)
+    return run_config(cfg, output_dir, beam_args)
+
+
+def run_config(cfg: PipelineConfig, output_dir: str, beam_args: list[str] | None = None) -> dict:
+    """Runs the pipeline for a resolved config (what `run` does after parsing arguments)."""
+    from pipeline import retriever as mf
+    from pipeline import stages
+    from pipeline import stats as stats_lib
+
+    beam_args = list(beam_args or [])
+    start = time.time()
+    interactions = cfg.source in ("movielens", "csv", "tfds")
+    reader = _interaction_reader(cfg) if interactions else _lists_reader(cfg)
+    _clean_outputs(output_dir)
+    has_oracle = cfg.source == "synthetic"
+    schema = S.RecordSchema(list_size=cfg.list_size, history_len=cfg.history_len, has_oracle=has_oracle)
+    timings = {}
+    print(f"[pipeline] source={cfg.source} protocol={cfg.protocol} -> {output_dir}", flush=True)
+    stats: dict = {"config": config_io.to_dict(cfg)}
+    if interactions:
+        timings["stage1_seconds"] = _run_beam(
+            lambda p: stages.interactions_stage(p, reader, cfg, output_dir),
+            beam_args,
+            "stage 1 (read, validate, k-core)",
+        )
+        stats_lib.merge_into(stats, _read_lines(stages.work_path(output_dir, "stats-stage1*")))
+        counts = stats.get("counts", {})
+        if not counts.get("interactions_after_kcore"):
+            raise PipelineError(
+                f"no interaction survives: {counts.get('interactions_read', 0)} read, "
+                f"{counts.get('rejected_at_read', 0)} rejected, none left after the {cfg.min_count}-core filter "
+                f"(see {output_dir}/rejects-*.jsonl)"
+            )
+        if stats.get("kcore", {}).get("items_below_min_count_after_last_pass", 0):
+            raise PipelineError(
+                f"the {cfg.min_count}-core filter did not reach its fixed point in {cfg.kcore_max_iters} passes: "
+                f"raise kcore_max_iters (--set kcore_max_iters=...)"
+            )
+        users = sorted(int(x) for x in _read_lines(stages.work_path(output_dir, "users-*")))
+        items = sorted(int(x) for x in _read_lines(stages.work_path(output_dir, "items-*")))
+        print(
+            f"[pipeline] training the MF retriever on {stats['retriever']['window_train_interactions']} "
+            f"interactions ({len(users)} users, {len(items)} items)",
+            flush=True,
+        )
+        t0 = time.time()
+        retriever, user_tables, metrics = mf.train_mf(
+            stages.work_path(output_dir, "window-train-*"),
+            {name: stages.work_path(output_dir, f"window-{name}-*") for name in ("heldout", "future")},
+            users,
+            items,
+            cfg.retriever,
+            cfg.seed,
+        )
+        timings["retriever_seconds"] = time.time() - t0
+        retriever_dir = os.path.join(output_dir, "retriever")
+        mf.save(retriever, user_tables, metrics, retriever_dir)
+        stats["retriever"].update(auc_heldout=metrics["auc_heldout"], auc_future=metrics["auc_future"])
+        print(
+            f"[pipeline] retriever AUC: {metrics['auc_heldout']:.4f} on held-out window pairs, "
+            f"{metrics['auc_future']:.4f} on the request period",
+            flush=True,
+        )
+        timings["stage2_seconds"] = _run_beam(
+            lambda p: stages.lists_stage(p, cfg, output_dir, retriever_dir, schema),
+            beam_args,
+            "stage 2 (candidates, labels, split, TFRecords)",
+        )
+        stats_lib.merge_into(stats, _read_lines(stages.work_path(output_dir, "stats-stage2*")))
+    else:
+        timings["stage_seconds"] = _run_beam(
+            lambda p: stages.logged_stage(p, reader, cfg, output_dir, schema, dedupe=cfg.source == "logged"),
+            beam_args,
+            "lists (read, validate, split, TFRecords)",
+        )
+        stats_lib.merge_into(stats, _read_lines(stages.work_path(output_dir, "stats*")))
+
+    splits = stats.get("splits", {})
+    if not any(splits.get(s, {}).get("lists") for s in ("train", "valid", "test")):
+        raise PipelineError(f"the run produced no list (see {output_dir}/stats.json and rejects-*.jsonl)")
+    item_vocab = sorted(int(x) for x in _read_lines(stages.work_path(output_dir, "vocab-items*")))
+    user_vocab = sorted(int(x) for x in _read_lines(stages.work_path(output_dir, "vocab-users*")))
+    _write_lines(os.path.join(output_dir, "item_vocab.txt"), item_vocab)
+    _write_lines(os.path.join(output_dir, "user_vocab.txt"), user_vocab)
+    schema = S.RecordSchema(
+        list_size=cfg.list_size,
+        history_len=cfg.history_len,
+        has_oracle=has_oracle,
+        num_items=len(item_vocab),
+        num_users=len(user_vocab),
+    )
+    S.write_schema(schema, output_dir)
+    timings["total_seconds"] = time.time() - start
+    stats["timings"] = timings
+    _write_json(os.path.join(output_dir, "stats.json"), stats)
+    _remove_work(output_dir)
+    print_summary(stats, output_dir)
+    return stats
+
+
+def _write_lines(path: str, values) -> None:
+    import tensorflow as tf
+
+    with tf.io.gfile.GFile(path, "w") as f:
+        f.write("".join(f"{v}\n" for v in values))
+
+
+def _write_json(path: str, obj) -> None:
+    import tensorflow as tf
+
+    with tf.io.gfile.GFile(path, "w") as f:
+        f.write(json.dumps(obj, indent=2, sort_keys=True, default=float) + "\n")
+
+
+def _remove_work(output_dir: str) -> None:
+    import tensorflow as tf
+
+    from pipeline.stages import WORK
+
+    path = os.path.join(output_dir, WORK)
+    if tf.io.gfile.exists(path):
+        tf.io.gfile.rmtree(path)
+
+
+def print_summary(stats: dict, output_dir: str) -> None:
+    """A short table of what was built: lists per split and the order baselines on test."""
+    k = stats["config"]["k"]
+    print(f"[pipeline] wrote {output_dir}/ (stats.json, schema.json, *.tfrecord.gz)")
+    counts = stats.get("counts", {})
+    if "interactions_after_kcore" in counts:
+        print(
+            f"  interactions: {counts.get('interactions_read', 0)} read, {counts['interactions_after_kcore']} "
+            f"after {stats['config']['min_count']}-core ({counts.get('users_after_kcore')} users, "
+            f"{counts.get('items_after_kcore')} items)"
+        )
+    rejected = sum(v for v in stats.get("rejects", {}).values())
+    print(f"  rejected records: {rejected}")
+    lists = stats.get("lists", {})
+    if lists:
+        requests, dropped = lists.get("requests", "-"), lists.get("dropped_no_positive", 0)
+        print(f"  lists: {requests} requests, {dropped} without positive dropped")
+    ret, rand = f"ret ndcg@{k}", f"rand ndcg@{k}"
+    print(f"  {'split':6s} {'lists':>6s} {'pos/list':>8s} {ret:>12s} {rand:>13s} {'score auc':>9s}")
+    for split in ("train", "valid", "test"):
+        s = stats.get("splits", {}).get(split, {})
+        if not s:
+            continue
+        print(
+            f"  {split:6s} {s.get('lists', 0):6d} {s.get('positives_per_list', float('nan')):8.2f} "
+            f"{s.get('retriever_order', {}).get(f'ndcg@{k}', float('nan')):12.4f} "
+            f"{s.get('random_order', {}).get(f'ndcg@{k}', float('nan')):13.4f} "
+            f"{s.get('retriever_score_auc', float('nan')):9.4f}"
+        )
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        run(argv)
+    except (config_io.ConfigError, PipelineError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,368 @@
+"""The Beam stages of the pipeline, as functions that add labelled steps to a `beam.Pipeline`.
+
+interactions (movielens, csv, tfds):
+    stage 1  read -> validate -> per-user timelines (dedupe) -> k-core -> timelines, retriever
+             window, vocabularies                                   [then the driver trains MF]
+    stage 2  timelines + MF tables -> candidates, scores, labels -> split -> TFRecords
+lists (logged, synthetic):
+    one stage: read -> validate -> dedupe request ids -> per-user split -> TFRecords
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+
+from dnr_tf import schema as S
+from pipeline import protocol, stats
+from pipeline.config import PipelineConfig
+from pipeline.protocol import Interaction, stable_fraction
+from pipeline.sources import files
+from pipeline.sources.files import REJECTS, reject
+
+WORK = "_work"
+_rejected = Metrics.counter("dnr_tf", "rejected_records")
+
+
+def work_path(output_dir: str, name: str) -> str:
+    return os.path.join(output_dir, WORK, name)
+
+
+# --- stage 1: interactions -> timelines --------------------------------------------------------
+
+
+def _timeline_json(user: int, timeline) -> str:
+    return json.dumps({"user": user, "items": [r.item for r in timeline], "ts": [r.timestamp for r in timeline]})
+
+
+def timeline_from_json(line: str) -> tuple[int, list[Interaction]]:
+    obj = json.loads(line)
+    return obj["user"], [Interaction(obj["user"], i, t, float("nan")) for i, t in zip(obj["items"], obj["ts"])]
+
+
+class _OrderTimeline(beam.DoFn):
+    """Sorts a user's interactions by time; a repeated item is rejected, its first kept."""
+
+    def process(self, kv):
+        user, interactions = kv
+        kept, dups = protocol.order_timeline(list(interactions))
+        first = {}
+        for r in kept:
+            first[r.item] = r
+        for d in dups:
+            f = first[d.item]
+            yield beam.pvalue.TaggedOutput(
+                REJECTS,
+                reject(
+                    d.file,
+                    d.line,
+                    f"duplicate interaction of user {user} with item {d.item} (kept the first, {f.file}:{f.line})",
+                    f"{d.user}|{d.item}|{d.timestamp}",
+                ),
+            )
+        yield user, kept
+
+
+def _kcore_pass(kv, item_counts, min_count):
+    user, timeline = kv
+    kept = [r for r in timeline if item_counts.get(r.item, 0) >= min_count]
+    if len(kept) >= min_count:
+        yield user, kept
+
+
+def kcore(timelines, min_count: int, iters: int, stat_parts: list):
+    """Users and items with at least `min_count` interactions, iterated `iters` passes.
+
+    Each pass counts items over the current timelines (a combiner, then a side input of
+    O(items)), drops rare items from every timeline and then users left with too few.
+    After the last pass, the number of items still below the threshold is reported: the driver
+    fails the run if it is not 0 (the fixed point was not reached).
+    """
+    for it in range(iters):
+        counts = (
+            timelines
+            | f"KCoreItems{it}" >> beam.FlatMap(lambda kv: [r.item for r in kv[1]])
+            | f"KCoreCount{it}" >> beam.combiners.Count.PerElement()
+        )
+        timelines = timelines | f"KCorePass{it}" >> beam.FlatMap(
+            _kcore_pass, item_counts=beam.pvalue.AsDict(counts), min_count=min_count
+        )
+        stat_parts.append(
+            stats.total(timelines, f"kcore.interactions_after_pass.{it + 1}", f"KCoreSize{it}", lambda kv: len(kv[1]))
+        )
+    final_counts = (
+        timelines
+        | "FinalItems" >> beam.FlatMap(lambda kv: [r.item for r in kv[1]])
+        | "FinalCount" >> beam.combiners.Count.PerElement()
+    )
+    stat_parts.append(
+        final_counts
+        | "Unconverged" >> beam.Map(lambda kv: int(kv[1] < min_count))
+        | "SumUnconverged" >> beam.CombineGlobally(sum)
+        | "KeyUnconverged" >> beam.Map(lambda n: ("kcore.items_below_min_count_after_last_pass", n))
+    )
+    return timelines, final_counts
+
+
+def _window_pairs(kv, cfg: PipelineConfig):
+    """The retriever's training interactions of one user, tagged train / heldout by a stable hash."""
+    user, timeline = kv
+    if cfg.protocol == "cascade":
+        w = protocol.retriever_window_size(len(timeline), cfg.retriever_fraction)
+        window, future = timeline[:w], timeline[w:]
+    else:
+        inside = [stable_fraction(cfg.seed, "paper", user, r.item) < cfg.paper_retriever_fraction for r in timeline]
+        window = [r for r, i in zip(timeline, inside) if i]
+        future = [r for r, i in zip(timeline, inside) if not i]
+    for r in window:
+        held = stable_fraction(cfg.seed, "heldout", user, r.item) < cfg.retriever.holdout_fraction
+        yield beam.pvalue.TaggedOutput("heldout" if held else "train", f"{user}\t{r.item}")
+    # Interactions the retriever never saw (the request period): its AUC where it is used.
+    for r in future:
+        yield beam.pvalue.TaggedOutput("future", f"{user}\t{r.item}")
+
+
+def interactions_stage(p, read, cfg: PipelineConfig, output_dir: str) -> None:
+    """Stage 1. `read` is a PTransform giving Interactions and a `rejects` output."""
+    parsed = p | "ReadInteractions" >> read
+    stat_parts = [
+        stats.count(parsed.records, "counts.interactions_read", "Read"),
+        stats.count(parsed[REJECTS], "counts.rejected_at_read", "RejectedRead"),
+    ]
+    ordered = (
+        parsed.records
+        | "KeyByUser" >> beam.Map(lambda r: (r.user, r))
+        | "GroupByUser" >> beam.GroupByKey()
+        | "OrderTimeline" >> beam.ParDo(_OrderTimeline()).with_outputs(REJECTS, main="timelines")
+    )
+    stat_parts.append(stats.count(ordered[REJECTS], "counts.rejected_duplicates", "RejectedDup"))
+    stat_parts.append(stats.count(ordered.timelines, "counts.users_read", "UsersRead"))
+    timelines, item_counts = kcore(ordered.timelines, cfg.min_count, cfg.kcore_max_iters, stat_parts)
+    stat_parts += [
+        stats.total(timelines, "counts.interactions_after_kcore", "Kept", lambda kv: len(kv[1])),
+        stats.count(timelines, "counts.users_after_kcore", "UsersKept"),
+        stats.count(item_counts, "counts.items_after_kcore", "ItemsKept"),
+    ]
+    _ = (
+        timelines
+        | "TimelineJson" >> beam.MapTuple(_timeline_json)
+        | "WriteTimelines" >> beam.io.WriteToText(work_path(output_dir, "timelines"), file_name_suffix=".jsonl.gz")
+    )
+    _ = (
+        timelines
+        | "UserIds" >> beam.Map(lambda kv: str(kv[0]))
+        | "WriteUsers" >> beam.io.WriteToText(work_path(output_dir, "users"), file_name_suffix=".txt")
+    )
+    _ = (
+        item_counts
+        | "ItemIds" >> beam.Map(lambda kv: str(kv[0]))
+        | "WriteItems" >> beam.io.WriteToText(work_path(output_dir, "items"), file_name_suffix=".txt")
+    )
+    window = timelines | "RetrieverWindow" >> beam.FlatMap(_window_pairs, cfg).with_outputs(
+        "train", "heldout", "future"
+    )
+    for split in ("train", "heldout", "future"):
+        pcoll = getattr(window, split)
+        _ = pcoll | f"WriteWindow{split}" >> beam.io.WriteToText(
+            work_path(output_dir, f"window-{split}"), file_name_suffix=".tsv.gz"
+        )
+        stat_parts.append(stats.count(pcoll, f"retriever.window_{split}_interactions", f"Window{split}"))
+    rejects = (parsed[REJECTS], ordered[REJECTS]) | "AllRejects" >> beam.Flatten()
+    write_rejects(rejects, output_dir, "interactions", stat_parts)
+    stats.write_stats(stat_parts, work_path(output_dir, "stats-stage1"))
+
+
+# --- stage 2: timelines -> lists ---------------------------------------------------------------
+
+
+class _BuildLists(beam.DoFn):
+    """Candidates, scores and labels of one user's requests, under the configured protocol."""
+
+    def __init__(self, cfg: PipelineConfig, retriever_dir: str):
+        self._cfg = cfg
+        self._dir = retriever_dir
+
+    def setup(self):
+        from pipeline import retriever as mf
+
+        self._retriever, users = mf.load(self._dir)
+        self._row = {int(u): j for j, u in enumerate(users["user_ids"])}
+        self._user_emb = users["user_emb"]
+        self._user_bias = users["user_bias"]
+
+    def process(self, line):
+        cfg = self._cfg
+        user, timeline = timeline_from_json(line)
+        row = self._row[user]
+        vec, bias = self._user_emb[row], float(self._user_bias[row])
+        if cfg.protocol == "cascade":
+            records, counts = protocol.cascade_lists(
+                user,
+                timeline,
+                vec,
+                bias,
+                self._retriever,
+                retriever_fraction=cfg.retriever_fraction,
+                stride=cfg.stride,
+                history_len=cfg.history_len,
+                list_size=cfg.list_size,
+                horizon=cfg.horizon,
+            )
+        else:
+            records, counts = protocol.paper_lists(
+                user,
+                timeline,
+                vec,
+                bias,
+                self._retriever,
+                chunk=cfg.horizon,
+                history_len=cfg.history_len,
+                list_size=cfg.list_size,
+            )
+        for name, n in counts.items():
+            yield beam.pvalue.TaggedOutput("counts", (f"lists.{name}", n))
+        yield from records
+
+
+def lists_stage(p, cfg: PipelineConfig, output_dir: str, retriever_dir: str, schema: S.RecordSchema) -> None:
+    """Stage 2 of the interaction sources."""
+    built = (
+        p
+        | "ReadTimelines" >> beam.io.ReadFromText(work_path(output_dir, "timelines-*.jsonl.gz"))
+        | "BuildLists" >> beam.ParDo(_BuildLists(cfg, retriever_dir)).with_outputs("counts", main="records")
+    )
+    counts = built.counts | "SumListCounts" >> beam.CombinePerKey(sum)
+    write_lists(built.records, cfg, output_dir, schema, [counts], "stats-stage2")
+
+
+# --- lists sources (logged, synthetic) ---------------------------------------------------------
+
+
+class _FirstRequest(beam.DoFn):
+    """Keeps the first occurrence (by file, line) of a request id; the others are rejected."""
+
+    def process(self, kv):
+        request_id, items = kv
+        items = sorted(items, key=lambda rec_where: rec_where[1])
+        first_where = items[0][1]
+        yield items[0][0]
+        for _, where in items[1:]:
+            yield beam.pvalue.TaggedOutput(
+                REJECTS,
+                reject(
+                    where[0],
+                    where[1],
+                    f"duplicate request_id {request_id!r} (kept the first, {first_where[0]}:{first_where[1]})",
+                ),
+            )
+
+
+def _split_user(kv):
+    _, lists = kv
+    yield from protocol.split_logged_lists(list(lists))
+
+
+def logged_stage(p, read, cfg: PipelineConfig, output_dir: str, schema: S.RecordSchema, dedupe: bool) -> None:
+    """Logged lists (or simulated ones) -> split -> TFRecords."""
+    parsed = p | "ReadLists" >> read
+    stat_parts = [
+        stats.count(parsed.records, "counts.lists_read", "Read"),
+        stats.count(parsed[REJECTS], "counts.rejected_at_read", "RejectedRead"),
+    ]
+    rejects = [parsed[REJECTS]]
+    records = parsed.records
+    if dedupe:
+        unique = (
+            records
+            | "KeyByRequest" >> beam.Map(lambda rw: (rw[0][S.REQUEST_ID], rw))
+            | "GroupByRequest" >> beam.GroupByKey()
+            | "FirstRequest" >> beam.ParDo(_FirstRequest()).with_outputs(REJECTS, main="records")
+        )
+        rejects.append(unique[REJECTS])
+        stat_parts.append(stats.count(unique[REJECTS], "counts.rejected_duplicate_request_ids", "RejectedDup"))
+        records = unique.records
+    else:
+        records = records | "DropWhere" >> beam.Map(lambda rw: rw[0])
+    with_pos = records | "HasPositive" >> beam.Partition(lambda r, _: 0 if 1 in r[S.LABELS] else 1, 2)
+    stat_parts.append(stats.count(with_pos[1], "lists.dropped_no_positive", "NoPositive"))
+    split = (
+        with_pos[0]
+        | "KeyByUser" >> beam.Map(lambda r: (r[S.USER_ID], r))
+        | "GroupByUser" >> beam.GroupByKey()
+        | "SplitByTimeline" >> beam.FlatMap(_split_user)
+    )
+    write_rejects(tuple(rejects) | "AllRejects" >> beam.Flatten(), output_dir, "lists", stat_parts)
+    write_lists(split, cfg, output_dir, schema, stat_parts, "stats")
+
+
+# --- common tail ---------------------------------------------------------------------------------
+
+
+def write_rejects(rejects, output_dir: str, name: str, stat_parts: list) -> None:
+    def counted(r):
+        _rejected.inc()
+        return json.dumps(r, sort_keys=True)
+
+    _ = (
+        rejects
+        | "RejectsJson" >> beam.Map(counted)
+        | "WriteRejects"
+        >> beam.io.WriteToText(os.path.join(output_dir, f"rejects-{name}"), file_name_suffix=".jsonl", num_shards=1)
+    )
+    stat_parts.append(
+        rejects
+        | "RejectReason" >> beam.Map(lambda r: _reason_kind(r["reason"]))
+        | "CountReasons" >> beam.combiners.Count.PerElement()
+        | "KeyReasons" >> beam.Map(lambda kv: (f"rejects.{kv[0]}", kv[1]))
+    )
+
+
+def _reason_kind(reason: str) -> str:
+    """A short, key-safe category of a reject reason (the full text stays in the rejects file).
+
+    Quoted values, parenthesised details and numbers are dropped, so "user id 'x7' is not an
+    integer" and "user id 'b' is not an integer" count together.
+    """
+    text = re.sub(r"'[^']*'|\"[^\"]*\"|\([^)]*\)|\[[^\]]*\]|[-+\d.:,]+", " ", reason)
+    words = [w for w in text.lower().split() if w.isalpha() or "_" in w]
+    return "_".join(words[:6]) or "other"
+
+
+def write_lists(records, cfg: PipelineConfig, output_dir: str, schema: S.RecordSchema, stat_parts, stats_name) -> None:
+    """Per-split serialization and gzip TFRecord shards, plus the split statistics."""
+    stat_parts = list(stat_parts)
+    stat_parts.append(records | "ListStats" >> stats.SplitListStats(cfg.k, cfg.seed))
+    parts = records | "BySplit" >> beam.Partition(lambda r, _: ("train", "valid", "test").index(r["split"]), 3)
+    # The model's vocabularies: what the train split shows it (other ids are out of vocabulary).
+    _ = (
+        parts[0]
+        | "TrainItems" >> beam.FlatMap(lambda r: [*r[S.ITEM_IDS], *r[S.HISTORY]])
+        | "DistinctItems" >> beam.Distinct()
+        | "WriteItemVocab" >> beam.io.WriteToText(work_path(output_dir, "vocab-items"), num_shards=1)
+    )
+    _ = (
+        parts[0]
+        | "TrainUsers" >> beam.Map(lambda r: r[S.USER_ID])
+        | "DistinctUsers" >> beam.Distinct()
+        | "WriteUserVocab" >> beam.io.WriteToText(work_path(output_dir, "vocab-users"), num_shards=1)
+    )
+    for split, pcoll in zip(("train", "valid", "test"), parts):
+        _ = (
+            pcoll
+            | f"Serialize{split}" >> beam.Map(S.to_example, schema=schema)
+            | f"Write{split}"
+            >> beam.io.WriteToTFRecord(
+                os.path.join(output_dir, split),
+                file_name_suffix=".tfrecord.gz",
+                num_shards=cfg.output_shards,
+            )
+        )
+    stats.write_stats(stat_parts, work_path(output_dir, stats_name))
+
+
+def read_files(pattern: str, parse_file) -> beam.PTransform:
+    return files.ReadNumbered(pattern, parse_file)

@@ -1,0 +1,145 @@
+"""Statistics as Beam PCollections of (dotted key, value), merged into `stats.json` by the driver.
+
+Counting through PCollections (not runner metrics) makes the figures the same on every runner,
+and they are written next to the data they describe.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import apache_beam as beam
+import numpy as np
+
+from dnr_tf import reference_metrics as M
+from dnr_tf import schema as S
+from pipeline.protocol import stable_fraction
+
+RANK_BUCKETS = ((1, 6), (7, 10), (11, 20), (21, 30), (31, 40), (41, 50))
+
+
+class MeanDict(beam.CombineFn):
+    """Means of dicts of floats, key by key, skipping NaN."""
+
+    def create_accumulator(self):
+        return {}
+
+    def add_input(self, acc, row):
+        for k, v in row.items():
+            if v is None or (isinstance(v, float) and math.isnan(v)):
+                continue
+            s = acc.setdefault(k, [0.0, 0])
+            s[0] += float(v)
+            s[1] += 1
+        return acc
+
+    def merge_accumulators(self, accs):
+        out = {}
+        for acc in accs:
+            for k, (s, n) in acc.items():
+                t = out.setdefault(k, [0.0, 0])
+                t[0] += s
+                t[1] += n
+        return out
+
+    def extract_output(self, acc):
+        return {k: s / n for k, (s, n) in sorted(acc.items()) if n}
+
+
+def count(pcoll, key: str, label: str):
+    """(key, number of elements) as a one-element PCollection."""
+    return (
+        pcoll | f"Count{label}" >> beam.combiners.Count.Globally() | f"Key{label}" >> beam.Map(lambda n, k=key: (k, n))
+    )
+
+
+def total(pcoll, key: str, label: str, fn):
+    """(key, sum of fn(element))."""
+    return (
+        pcoll
+        | f"Measure{label}" >> beam.Map(fn)
+        | f"Sum{label}" >> beam.CombineGlobally(sum)
+        | f"Key{label}" >> beam.Map(lambda n, k=key: (k, n))
+    )
+
+
+def list_stats_row(record: dict, k: int, seed: int) -> dict:
+    """Per-list figures: the retriever's order, a random order, positives, rank-bucket positives."""
+    labels = np.asarray(record[S.LABELS])
+    n = len(labels)
+    row = {"lists": 1.0, "positives_per_list": float((labels == 1).sum()), "candidates_per_list": float(n)}
+    for name, v in M.list_metrics(labels, M.retriever_order_scores(labels), k).items():
+        row[f"retriever_order.{_key(name, k)}"] = v
+    rng = np.random.default_rng(int(stable_fraction(seed, record[S.REQUEST_ID]) * 2**32))
+    for name, v in M.list_metrics(labels, rng.random(n), k).items():
+        row[f"random_order.{_key(name, k)}"] = v
+    # The score's own within-list AUC (the stored order is the score's order, so it matches the
+    # retriever order's AUC unless a logged list was stored in some other order).
+    row["retriever_score_auc"] = M.pairwise_auc(labels, np.asarray(record[S.RETRIEVER_SCORES]))
+    if S.ORACLE_SCORES in record:
+        for name, v in M.list_metrics(labels, np.asarray(record[S.ORACLE_SCORES]), k).items():
+            row[f"oracle_order.{_key(name, k)}"] = v
+    for lo, hi in RANK_BUCKETS:
+        seg = labels[lo - 1 : hi]
+        if len(seg):
+            row[f"positive_rate_by_rank.{lo}-{hi}"] = float((seg == 1).mean())
+    return row
+
+
+def _key(name: str, k: int) -> str:
+    return name if name == "auc" else f"{name}@{k}"
+
+
+class SplitListStats(beam.PTransform):
+    """Per-split means of `list_stats_row` (the split's list count is `lists` times... one)."""
+
+    def __init__(self, k: int, seed: int):
+        super().__init__()
+        self._k = k
+        self._seed = seed
+
+    def expand(self, records):
+        k, seed = self._k, self._seed
+        per_split = (
+            records
+            | "Rows" >> beam.Map(lambda r: (r["split"], list_stats_row(r, k, seed)))
+            | "Mean" >> beam.CombinePerKey(MeanDict())
+        )
+        counts = (
+            records | "SplitKey" >> beam.Map(lambda r: r["split"]) | "SplitCount" >> beam.combiners.Count.PerElement()
+        )
+        means = per_split | "Flatten" >> beam.FlatMap(
+            lambda kv: [(f"splits.{kv[0]}.{name}", v) for name, v in kv[1].items() if name != "lists"]
+        )
+        sizes = counts | "SizeKeys" >> beam.Map(lambda kv: (f"splits.{kv[0]}.lists", kv[1]))
+        return (means, sizes) | "All" >> beam.Flatten()
+
+
+def write_stats(parts: list, prefix: str) -> None:
+    """Writes the (key, value) pairs of `parts` as JSON lines into one file, for the driver."""
+    _ = (
+        tuple(parts)
+        | "FlattenStats" >> beam.Flatten()
+        | "StatsToJson" >> beam.Map(lambda kv: json.dumps({"key": kv[0], "value": kv[1]}))
+        | "WriteStatsFile" >> beam.io.WriteToText(prefix, file_name_suffix=".jsonl", num_shards=1)
+    )
+
+
+def merge_into(stats: dict, lines) -> dict:
+    """Merges JSON lines of {"key": "a.b.c", "value": v} into a nested dict (sums repeated keys)."""
+    for line in lines:
+        if not line.strip():
+            continue
+        obj = json.loads(line)
+        node = stats
+        parts = obj["key"].split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        leaf = parts[-1]
+        value = obj["value"]
+        if leaf in node and isinstance(node[leaf], (int, float)) and isinstance(value, (int, float)):
+            node[leaf] += value
+        else:
+            node[leaf] = value
+    return stats

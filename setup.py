@@ -1,0 +1,30 @@
+"""dnr-tf: the Denoising Neural Reranker on TensorFlow 2 / Keras 3, with a Beam pipeline."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="dnr-tf",
+    version="0.1.0",
+    description="Denoising Neural Reranker (DNR) for multi-stage recommenders: Keras 3 models, "
+    "an Apache Beam data pipeline and TF Serving export.",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11,<3.12",
+    packages=find_packages(include=["dnr_tf", "dnr_tf.*", "pipeline", "pipeline.*"]),
+    install_requires=[
+        "tensorflow-cpu==2.21.0",
+        "keras==3.15.1",
+        "keras-rs==0.4.0",
+        "apache-beam==2.77.0",
+        "google-crc32c",  # TFRecord checksums in Beam's WriteToTFRecord
+        "tensorflow-datasets",
+        "tensorboard",
+        "numpy",
+        "pyyaml",
+    ],
+    extras_require={
+        "test": ["pytest", "ruff"],
+        "plots": ["matplotlib"],
+    },
+    license="Apache-2.0",
+)

@@ -1,0 +1,141 @@
+"""The cascade pipeline on real MovieLens-100K: calibration, round trip and the leak checks.
+
+The timelines are rebuilt here in plain Python, independently of the pipeline, so that the
+leak checks do not trust the code they check.
+"""
+
+import collections
+import glob
+import os
+
+import numpy as np
+import pytest
+
+from dnr_tf import data as data_lib
+from dnr_tf import reference_metrics as M
+from dnr_tf import schema as S
+
+
+def _independent_timelines(u_data, k=20):
+    rows = [tuple(map(int, line.split("\t"))) for line in open(u_data)]
+    keep = rows
+    while True:
+        users = collections.Counter(r[0] for r in keep)
+        items = collections.Counter(r[1] for r in keep)
+        nxt = [r for r in keep if users[r[0]] >= k and items[r[1]] >= k]
+        if len(nxt) == len(keep):
+            break
+        keep = nxt
+    timelines = collections.defaultdict(list)
+    for u, i, _, t in keep:
+        timelines[u].append((t, i))
+    return {u: [i for _, i in sorted(v)] for u, v in timelines.items()}
+
+
+@pytest.fixture(scope="module")
+def records(ml100k_data):
+    out, _ = ml100k_data
+    result = {}
+    for split in data_lib.SPLITS:
+        rows = []
+        for batch in data_lib.make_dataset(data_lib.split_pattern(out, split), 512):
+            n = batch[S.ITEM_IDS].shape[0]
+            for j in range(n):
+                rows.append({key: batch[key][j].numpy() for key in batch})
+        result[split] = rows
+    return result
+
+
+def test_calibration_counts(ml100k_data):
+    _, stats = ml100k_data
+    counts = stats["counts"]
+    # PROTOCOL.md: 20-core filter -> 94,443 interactions, 917 users, 937 items.
+    assert counts["interactions_read"] == 100_000
+    assert counts["interactions_after_kcore"] == 94_443
+    assert counts["users_after_kcore"] == 917
+    assert counts["items_after_kcore"] == 937
+    window = stats["retriever"]["window_train_interactions"] + stats["retriever"]["window_heldout_interactions"]
+    assert window == 47_003
+    assert stats["lists"]["requests"] == 7_525
+    kept = sum(stats["splits"][s]["lists"] for s in data_lib.SPLITS)
+    assert kept + stats["lists"]["dropped_no_positive"] + stats["lists"]["dropped_truncated"] == 7_525
+    assert 4_000 < kept < 5_500
+    assert stats["splits"]["test"]["lists"] <= 917 and stats["splits"]["valid"]["lists"] <= 917
+    assert 0.6 < stats["retriever"]["auc_heldout"] < 0.95
+
+
+def test_records_round_trip(ml100k_data, records):
+    out, stats = ml100k_data
+    schema = S.load_schema(out)
+    assert (schema.list_size, schema.history_len, schema.has_oracle) == (50, 20, False)
+    vocab = [int(x) for x in open(os.path.join(out, "item_vocab.txt"))]
+    assert len(vocab) == schema.num_items and vocab == sorted(vocab)
+    for split, rows in records.items():
+        assert len(rows) == stats["splits"][split]["lists"]
+        for row in rows:
+            assert row[S.ITEM_IDS].shape == (50,) and row[S.HISTORY].shape == (20,)
+            assert set(np.unique(row[S.LABELS])) <= {0, 1}
+            assert (row[S.LABELS] == 1).any()
+            assert ((row[S.RETRIEVER_SCORES] > 0) & (row[S.RETRIEVER_SCORES] < 1)).all()
+            assert np.all(np.diff(row[S.RETRIEVER_SCORES]) <= 0), "stored in the retriever's order"
+            assert len(set(row[S.ITEM_IDS].tolist())) == 50
+    # The stats' retriever-order NDCG is the reference metric over the records read back.
+    test_ndcg = np.nanmean(
+        [M.list_metrics(r[S.LABELS], M.retriever_order_scores(r[S.LABELS]), 6)["ndcg"] for r in records["test"]]
+    )
+    assert test_ndcg == pytest.approx(stats["splits"]["test"]["retriever_order"]["ndcg@6"], rel=1e-6)
+
+
+def test_leak_retriever_order_beats_random(ml100k_data):
+    _, stats = ml100k_data
+    for split in data_lib.SPLITS:
+        s = stats["splits"][split]
+        assert s["retriever_score_auc"] >= 0.5
+        assert s["retriever_order"]["ndcg@6"] > s["random_order"]["ndcg@6"]
+
+
+def test_leak_positives_do_not_rise_toward_the_end(records):
+    labels = np.stack([r[S.LABELS] for rows in records.values() for r in rows])
+    rate = (labels == 1).mean(axis=0)
+    head, tail = rate[:10].mean(), rate[-10:].mean()
+    assert tail <= head, f"positive rate rises toward the end of the list: {head:.3f} -> {tail:.3f}"
+    # Reversing the stored order must not help (the paper's insertion construction fails this).
+    rev = np.nanmean([M.list_metrics(lab, np.arange(50.0), 6)["ndcg"] for lab in labels])
+    fwd = np.nanmean([M.list_metrics(lab, -np.arange(50.0), 6)["ndcg"] for lab in labels])
+    assert rev < fwd
+
+
+def test_leak_labels_stay_in_their_period(ml100k_dir, records):
+    timelines = _independent_timelines(ml100k_dir / "u.data")
+    request_index = {}
+    for split, rows in records.items():
+        for r in rows:
+            user, idx = r[S.REQUEST_ID].decode().split(":")
+            request_index.setdefault(int(user), {}).setdefault(split, []).append(int(idx))
+    for split, rows in records.items():
+        for r in rows:
+            user, idx = (int(x) for x in r[S.REQUEST_ID].decode().split(":"))
+            items = timelines[user]
+            window = set(items[: len(items) // 2])
+            positives = set(r[S.ITEM_IDS][r[S.LABELS] == 1].tolist())
+            assert positives <= set(items[idx : idx + 6]), "positives are the next 6 interactions"
+            assert not positives & set(items[:idx]), "nothing consumed before the request is a positive"
+            if split == "test":
+                assert not positives & window, "test positives are never in the retriever window"
+            later = {"train": ("valid", "test"), "valid": ("test",), "test": ()}[split]
+            starts = [min(request_index[user][s]) for s in later if s in request_index[user]]
+            if starts:
+                assert not positives & set(items[min(starts) :]), f"{split} label from a later split"
+            history = [h for h in r[S.HISTORY].tolist() if h]
+            assert history == items[max(0, idx - 20) : idx]
+
+
+def test_output_files(ml100k_data):
+    out, stats = ml100k_data
+    for split in data_lib.SPLITS:
+        assert glob.glob(os.path.join(out, f"{split}-*.tfrecord.gz"))
+    assert os.path.exists(os.path.join(out, "retriever", "mf.npz"))
+    assert not os.path.exists(os.path.join(out, "_work")), "intermediate files are cleaned up"
+    # Clean GroupLens data: nothing rejected, and the (empty) rejects file is still written.
+    assert stats.get("rejects", {}) == {} and stats["counts"]["rejected_at_read"] == 0
+    assert glob.glob(os.path.join(out, "rejects-*.jsonl"))
