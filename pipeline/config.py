@@ -88,7 +88,6 @@ class PipelineConfig:
         horizon: future interactions whose items are positives.
         k: items shown (the cutoff of the stats' metrics).
         paper_retriever_fraction: share of all interactions training the retriever (paper protocol).
-        max_list_size: longest logged list accepted (defaults to list_size).
         seed: seed of everything random (retriever, simulator, random-order baseline).
         output_shards: shards per split (0 lets the runner decide).
         retriever: the MF retriever.

@@ -108,10 +108,10 @@ def _interaction_reader(cfg: PipelineConfig):
             for p in paths:
                 interactions.detect_movielens_format(p)
         return files.ReadNumbered(path, interactions.parse_movielens(cfg.movielens_format))
-    paths = files.expand_input(cfg.input)
-    for p in paths:
+    reader = files.ReadNumbered(cfg.input, interactions.parse_csv)
+    for p in files.expand_input(cfg.input):
         _check_csv_header(p)
-    return files.ReadNumbered(cfg.input, interactions.parse_csv)
+    return reader
 
 
 def _check_csv_header(path: str) -> None:
@@ -157,7 +157,6 @@ def _lists_reader(cfg: PipelineConfig):
     if cfg.source == "logged":
         from pipeline.sources.logged import parse_logged
 
-        files.expand_input(cfg.input)
         return files.ReadNumbered(cfg.input, parse_logged(cfg.list_size))
 
     from pipeline.sources.synthetic import World, simulate_user
@@ -359,7 +358,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         run(argv)
-    except (config_io.ConfigError, PipelineError, FileNotFoundError, ValueError) as e:
+    except (config_io.ConfigError, PipelineError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

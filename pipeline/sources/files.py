@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 
 import apache_beam as beam
 from apache_beam.io import fileio
@@ -18,16 +19,17 @@ def reject(file: str, line: int, reason: str, text: str = "") -> dict:
 
 
 def expand_input(pattern: str) -> list[str]:
-    """Paths matching `pattern` (a file, a glob, or a directory: its files).
+    """Files matching `pattern`: a file, a glob, or a directory (the files directly inside it).
 
     Raises:
         FileNotFoundError: naming the pattern when nothing matches.
     """
+    if os.path.isdir(pattern):
+        pattern = os.path.join(pattern, "*")
     paths = []
     for result in FileSystems.match([pattern]):
         paths.extend(m.path for m in result.metadata_list)
-    if not paths and FileSystems.exists(pattern):
-        paths = [pattern]
+    paths = [p for p in paths if not os.path.isdir(p)]
     if not paths:
         raise FileNotFoundError(f"input {pattern!r} matches no file")
     return sorted(paths)
@@ -67,21 +69,27 @@ def numbered_lines(path: str):
 
 
 class ReadNumbered(beam.PTransform):
-    """Reads files into (path, line_number, text); bad bytes go to the `rejects` output.
+    """Parses files line by line with their numbers; records out, rejects to the `rejects` output.
 
     Files are read whole by one worker each (line numbers need a sequential read); inputs meant
     for many workers come as many files (shards), which are read in parallel.
+
+    Args:
+        pattern: a file, glob or directory (expanded with `expand_input` when the pipeline is
+            built, so a missing input fails before the run).
+        parse_file: (path, numbered lines) -> records or reject dicts.
     """
 
     def __init__(self, pattern: str, parse_file):
         super().__init__()
-        self._pattern = pattern
+        self._paths = expand_input(pattern)
         self._parse_file = parse_file
 
     def expand(self, pbegin):
         return (
             pbegin
-            | "Match" >> fileio.MatchFiles(self._pattern)
+            | "Paths" >> beam.Create(self._paths)
+            | "Match" >> fileio.MatchAll()
             | "Open" >> fileio.ReadMatches()
             | "Parse" >> beam.ParDo(_ParseFile(self._parse_file)).with_outputs(REJECTS, main="records")
         )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import re
 
 from pipeline.protocol import Interaction
 from pipeline.sources.files import reject
@@ -41,14 +42,19 @@ def resolve_movielens_input(path: str) -> str:
     return path
 
 
+INT64_MAX = 2**63 - 1
+_DIGITS = re.compile(r"[+-]?[0-9]+")
+
+
 def _positive_int(value: str, field: str) -> tuple[int | None, str | None]:
     value = value.strip()
-    try:
-        number = int(value)
-    except ValueError:
+    if not _DIGITS.fullmatch(value):
         return None, f"{field} {value!r} is not an integer"
+    number = int(value)
     if number <= 0:
         return None, f"{field} {number} must be a positive integer (0 is padding)"
+    if number > INT64_MAX:
+        return None, f"{field} {value} does not fit in int64"
     return number, None
 
 
@@ -68,6 +74,8 @@ def _timestamp(value: str) -> tuple[int | None, str | None]:
         number = int(number)
     if number < 0:
         return None, f"timestamp {number} is negative"
+    if number > INT64_MAX:
+        return None, f"timestamp {value} does not fit in int64"
     return number, None
 
 
@@ -83,9 +91,13 @@ def _rating(value: str | None) -> tuple[float, str | None]:
     return number, None
 
 
-def make_interaction(path, number, user, item, timestamp, rating=None):
-    """Validates the four fields of an interaction; returns an Interaction or a reject dict."""
-    text = "|".join(str(v) for v in (user, item, timestamp, rating) if v is not None)
+def make_interaction(path, number, user, item, timestamp, rating=None, text=None):
+    """Validates the four fields of an interaction; returns an Interaction or a reject dict.
+
+    `text` is the input line as read (for the rejects file); by default the fields joined by `|`.
+    """
+    if text is None:
+        text = "|".join(str(v) for v in (user, item, timestamp, rating) if v is not None)
     u, err = _positive_int(user, "user id")
     if err is None:
         i, err = _positive_int(item, "item id")
@@ -112,7 +124,7 @@ def parse_movielens(fmt: str):
                 yield reject(path, number, f"expected 4 fields separated by {sep!r}, got {len(fields)}", text)
                 continue
             user, item, rating, timestamp = fields
-            yield make_interaction(path, number, user, item, timestamp, rating)
+            yield make_interaction(path, number, user, item, timestamp, rating, text=text)
 
     return parse
 
@@ -148,4 +160,5 @@ def parse_csv(path, lines):
             fields[index["item_id"]],
             fields[index["timestamp"]],
             fields[index["rating"]] if "rating" in index else None,
+            text=text,
         )

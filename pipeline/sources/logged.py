@@ -20,8 +20,11 @@ REQUIRED = ("request_id", "user_id", "timestamp", "history", "candidates")
 CANDIDATE_REQUIRED = ("item_id", "retriever_score", "label")
 
 
+INT64_MAX = 2**63 - 1
+
+
 def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+    return isinstance(v, int) and not isinstance(v, bool) and -INT64_MAX - 1 <= v <= INT64_MAX
 
 
 def validate_list(obj, max_list_size: int) -> str | None:
@@ -61,15 +64,15 @@ def validate_list(obj, max_list_size: int) -> str | None:
             return f"{where}.item_id {c['item_id']} appears twice in the list"
         seen.add(c["item_id"])
         score = c["retriever_score"]
-        if not isinstance(score, (int, float)) or isinstance(score, bool) or not math.isfinite(score):
+        if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
             return f"{where}.retriever_score {score!r} is not a finite number"
         if not 0.0 <= score <= 1.0:
             return f"{where}.retriever_score {score!r} is outside [0, 1]"
-        if c["label"] not in (0, 1) or isinstance(c["label"], float):
+        if isinstance(c["label"], bool) or c["label"] not in (0, 1) or isinstance(c["label"], float):
             return f"{where}.label {c['label']!r} must be 0 or 1"
         if "oracle_score" in c:
             o = c["oracle_score"]
-            if not isinstance(o, (int, float)) or not math.isfinite(o) or not 0.0 <= o <= 1.0:
+            if isinstance(o, bool) or not isinstance(o, (int, float)) or not math.isfinite(o) or not 0.0 <= o <= 1.0:
                 return f"{where}.oracle_score {o!r} must be a number in [0, 1]"
     return None
 
