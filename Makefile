@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 DATA ?= data/synthetic
 ML100K ?= ../shared/data/ml-100k
 
-.PHONY: venv demo test lint ml100k clean
+.PHONY: venv demo test lint ml100k tensorboard clean
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -17,11 +17,15 @@ venv: $(VENV)/.installed
 
 demo: venv
 	$(PY) -m pipeline.run --config configs/pipeline/synthetic.yaml --output_dir $(DATA)
-	@echo "demo output: $(DATA)/ (stats.json, schema.json, train|valid|test-*.tfrecord.gz)"
+	$(PY) -m dnr_tf.train --config configs/synthetic_dnr_b.yaml --data_dir $(DATA) --model_dir runs/demo_dnr_b
+	@echo "demo output: data $(DATA)/, run runs/demo_dnr_b/ (tensorboard --logdir runs/demo_dnr_b/logs)"
 
 ml100k: venv
 	$(PY) -m pipeline.run --config configs/pipeline/ml100k.yaml --input $(ML100K)/u.data \
 		--output_dir data/ml100k --direct_num_workers 2 --direct_running_mode multi_processing
+
+tensorboard: venv
+	$(VENV)/bin/tensorboard --logdir runs
 
 test: venv
 	$(PY) -m pytest -q tests

@@ -1,0 +1,101 @@
+"""The backbone interface and the pieces backbones share.
+
+A backbone is a `keras.layers.Layer` called on a dict of batched features:
+    item_ids          int64   [batch, list_size]   raw ids, 0 = padding
+    retriever_scores  float32 [batch, list_size]   x (or the generated x')
+    history           int64   [batch, history_len] raw ids, 0 = padding
+and returns per-item logits `[batch, list_size]`, with padding at `PADDING_LOGIT`.
+"""
+
+from __future__ import annotations
+
+import keras
+from keras import ops
+
+from dnr_tf import schema as S
+
+PADDING_LOGIT = -1e9
+
+
+def candidate_mask(features):
+    """`[batch, list_size]` bool: True for real candidates."""
+    return ops.not_equal(features[S.ITEM_IDS], S.PADDING_ID)
+
+
+class ItemEmbedding(keras.layers.Layer):
+    """Raw item id -> embedding; 0 (padding) -> row 0, ids outside the vocabulary -> row 1.
+
+    Args:
+        vocabulary: raw item ids seen in training (`item_vocab.txt`).
+        dim: embedding size.
+    """
+
+    def __init__(self, vocabulary, dim: int, seed: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.vocabulary = [int(v) for v in vocabulary]
+        self.dim = dim
+        self.lookup = keras.layers.IntegerLookup(
+            vocabulary=self.vocabulary, mask_token=S.PADDING_ID, num_oov_indices=1, vocabulary_dtype="int64"
+        )
+        self.embedding = keras.layers.Embedding(
+            len(self.vocabulary) + 2,
+            dim,
+            embeddings_initializer=keras.initializers.RandomNormal(stddev=0.05, seed=seed),
+        )
+
+    def call(self, ids):
+        return self.embedding(self.lookup(ids))
+
+    def get_config(self):
+        return {**super().get_config(), "vocabulary": self.vocabulary, "dim": self.dim}
+
+
+def masked_mean(values, mask):
+    """Mean of `values` `[batch, n, d]` over positions where `mask` `[batch, n]` holds."""
+    weights = ops.cast(ops.expand_dims(mask, -1), values.dtype)
+    return ops.sum(values * weights, axis=1) / ops.maximum(ops.sum(weights, axis=1), 1.0)
+
+
+class UserState(keras.layers.Layer):
+    """The personalisation vector of a request: pooled history embeddings through a dense layer."""
+
+    def __init__(self, dim: int, **kwargs):
+        super().__init__(**kwargs)
+        self.dense = keras.layers.Dense(dim, activation="relu")
+
+    def call(self, history_embeddings, history_mask):
+        return self.dense(masked_mean(history_embeddings, history_mask))
+
+
+class ScoreFeed(keras.layers.Layer):
+    """How the retriever score x enters the item input (the paper's table 2 and appendix C.3).
+
+    - `none`: not at all.
+    - `concat` ("c score"): x concatenated to the item input with the user state.
+    - `add` ("+ score"): x projected to the model width and added after the input projection.
+    - `weight` ("w score"): the item embedding scaled by x.
+    """
+
+    def __init__(self, mode: str, hidden_dim: int, **kwargs):
+        super().__init__(**kwargs)
+        if mode not in ("none", "concat", "add", "weight"):
+            raise ValueError(f"unknown score_feed {mode!r}")
+        self.mode = mode
+        self.projection = keras.layers.Dense(hidden_dim) if mode == "add" else None
+
+    def item_input(self, item_emb, user_state, scores):
+        """`[batch, list_size, e + u (+1)]`: what the input projection sees."""
+        n = ops.shape(item_emb)[1]
+        user = ops.repeat(ops.expand_dims(user_state, 1), n, axis=1)
+        x = ops.expand_dims(ops.cast(scores, item_emb.dtype), -1)
+        if self.mode == "weight":
+            item_emb = item_emb * x
+        parts = [item_emb, user]
+        if self.mode == "concat":
+            parts.append(x)
+        return ops.concatenate(parts, axis=-1)
+
+    def after_projection(self, hidden, scores):
+        if self.mode != "add":
+            return hidden
+        return hidden + self.projection(ops.expand_dims(ops.cast(scores, hidden.dtype), -1))

@@ -1,0 +1,151 @@
+"""Every training value, with its default, in one set of frozen dataclasses (`configs/*.yaml`)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from dnr_tf.config_io import check
+
+BACKBONES = ("prm", "dnn")
+SCORE_FEEDS = ("none", "concat", "add", "weight")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The reranker backbone.
+
+    Attributes:
+        backbone: `prm` (transformer over the list, the paper's main backbone) or `dnn`
+            (pointwise MLP, MiDNN-like: no list context).
+        score_feed: how the retriever score enters (paper table 2): `none`, `concat` (c score),
+            `add` (+ score, projected and added), `weight` (w score, scales the item input).
+        embedding_dim: item embedding size.
+        hidden_dim: model width (the paper uses 128).
+        num_layers: transformer encoder blocks (prm).
+        num_heads: attention heads (prm).
+        ffn_dim: transformer feed-forward width (prm).
+        dnn_layers: hidden widths of the pointwise scorer (dnn).
+        dropout: dropout rate.
+        use_position: learned position embedding of the retriever order (prm); off, the score
+            is the reranker's only view of the retriever's order.
+    """
+
+    backbone: Literal["prm", "dnn"] = "prm"
+    score_feed: Literal["none", "concat", "add", "weight"] = "concat"
+    embedding_dim: int = 64
+    hidden_dim: int = 64
+    num_layers: int = 1
+    num_heads: int = 2
+    ffn_dim: int = 128
+    dnn_layers: tuple[int, ...] = (128, 64)
+    dropout: float = 0.1
+    use_position: bool = True
+
+    def validate(self) -> None:
+        check(self.embedding_dim > 0, "model.embedding_dim", "must be positive")
+        check(self.hidden_dim > 0, "model.hidden_dim", "must be positive")
+        check(self.hidden_dim % self.num_heads == 0, "model.hidden_dim", "must be a multiple of model.num_heads")
+        check(0.0 <= self.dropout < 1.0, "model.dropout", "must be in [0, 1)")
+        check(self.num_layers >= 1, "model.num_layers", "must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class DNRConfig:
+    """The denoising framework (paper sections 3.3-3.4, algorithm 1).
+
+    Attributes:
+        enabled: train with L_theta = L_direct + lambda_m L_z; off, plain direct training (PRM).
+        lambda_m: weight of the augmented reconstruction loss L_z (eq. 6).
+        lambda_c: noise level of x' = (1 - lambda_c) z + lambda_c eps (eq. 4), in (0, 1).
+        heuristic: heuristic sampler: `beta` (eps ~ Beta(alpha, beta), DNR-B) or `gaussian`
+            (eps ~ N(0, 1), DNR-G; x' is clipped to [0, 1]).
+        beta_alpha: alpha of the Beta sampler.
+        beta_beta: beta of the Beta sampler.
+        model_based: switch to the learned sampler after `lambda_e` epochs (DNR-G / DNR-B);
+            off, the heuristic sampler throughout (the "w/ G", "w/ B" ablations).
+        lambda_e: epochs with the heuristic sampler before the model-based one.
+        use_adv: the adversarial term L_adv (eq. 7) in the generator's loss.
+        use_x_reg: the regulariser L_x' (eq. 8) in the generator's loss.
+        weight_x: weight of L_x' against L_adv.
+        generator_steps: generator updates per reranker update.
+        generator_hidden: hidden width of the generator's 2-layer MLP.
+        generator_embedding_dim: the generator's own item embedding size.
+        generator_noise_dim: size of the fresh Gaussian input that makes it a sampler.
+        generator_learning_rate: Adam learning rate of the generator.
+    """
+
+    enabled: bool = True
+    lambda_m: float = 0.5
+    lambda_c: float = 0.5
+    heuristic: Literal["beta", "gaussian"] = "beta"
+    beta_alpha: float = 0.5
+    beta_beta: float = 0.5
+    model_based: bool = True
+    lambda_e: int = 2
+    use_adv: bool = True
+    use_x_reg: bool = True
+    weight_x: float = 1.0
+    generator_steps: int = 1
+    generator_hidden: int = 64
+    generator_embedding_dim: int = 16
+    generator_noise_dim: int = 8
+    generator_learning_rate: float = 1e-3
+
+    def validate(self) -> None:
+        check(0.0 < self.lambda_c < 1.0, "dnr.lambda_c", "must be in (0, 1)")
+        check(self.lambda_m >= 0.0, "dnr.lambda_m", "must be >= 0")
+        check(self.lambda_e >= 0, "dnr.lambda_e", "must be >= 0")
+        check(self.beta_alpha > 0 and self.beta_beta > 0, "dnr.beta_alpha", "and dnr.beta_beta must be positive")
+        check(self.generator_steps >= 1, "dnr.generator_steps", "must be >= 1")
+        check(self.weight_x >= 0.0, "dnr.weight_x", "must be >= 0")
+
+    @property
+    def trains_generator(self) -> bool:
+        return self.enabled and self.model_based and (self.use_adv or self.use_x_reg)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The optimisation loop.
+
+    Attributes:
+        epochs: passes over the train split.
+        batch_size: lists per step.
+        learning_rate: Adam learning rate of the reranker.
+        weight_decay: AdamW weight decay (0: plain Adam).
+        k: items shown; the cutoff of the metrics.
+        seed: seed of initialisation, shuffling and noise.
+        monitor: validation metric that picks the best epoch.
+        shuffle_buffer: lists in the shuffle buffer.
+        steps_per_epoch: cap on steps an epoch (None: the whole split).
+    """
+
+    epochs: int = 10
+    batch_size: int = 128
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.0
+    k: int = 6
+    seed: int = 0
+    monitor: str = "ndcg@6"
+    shuffle_buffer: int = 10_000
+    steps_per_epoch: int | None = None
+
+    def validate(self) -> None:
+        check(self.epochs >= 1, "train.epochs", "must be >= 1")
+        check(self.batch_size >= 1, "train.batch_size", "must be >= 1")
+        check(self.learning_rate > 0, "train.learning_rate", "must be positive")
+        check(self.k >= 1, "train.k", "must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+    """One experiment: `python -m dnr_tf.train --config configs/<name>.yaml`."""
+
+    name: str = "experiment"
+    model: ModelConfig = ModelConfig()
+    dnr: DNRConfig = DNRConfig()
+    train: TrainConfig = TrainConfig()
+
+    def validate(self) -> None:
+        check(bool(self.name), "name", "must not be empty")

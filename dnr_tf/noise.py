@@ -1,0 +1,89 @@
+"""Noise generators p_phi(x | z): synthetic retriever scores x' = (1 - lambda_c) z + lambda_c eps (eq. 4).
+
+- `HeuristicSampler`: eps ~ Beta(alpha, beta) (DNR-B; the paper's alpha = beta = 0.5) or
+  eps ~ N(0, 1) (DNR-G). Gaussian x' is clipped to [0, 1], the range of real scores, because a
+  reranker never sees a score outside it at serving time (and export rejects one).
+- `GeneratorSampler`: the model-based sampler, a 2-layer MLP conditioned on the request (pooled
+  history and candidate embeddings of its own), the label z, and fresh Gaussian input (so it is a
+  sampler, not a function); it outputs eps in (0, 1). Training-only: never exported.
+"""
+
+from __future__ import annotations
+
+import keras
+from keras import ops
+
+from dnr_tf import schema as S
+from dnr_tf.backbones.base import ItemEmbedding, masked_mean
+
+
+def mix(z, eps, lambda_c: float):
+    """x' = (1 - lambda_c) z + lambda_c eps (eq. 4)."""
+    return (1.0 - lambda_c) * z + lambda_c * eps
+
+
+class HeuristicSampler:
+    """A non-parametric sampler of x'.
+
+    Args:
+        kind: `beta` or `gaussian`.
+        lambda_c: noise level in (0, 1).
+        alpha, beta: the Beta parameters.
+        seed: a `keras.random.SeedGenerator` (the model's), so that runs are reproducible.
+    """
+
+    def __init__(self, kind: str, lambda_c: float, alpha: float = 0.5, beta: float = 0.5):
+        if kind not in ("beta", "gaussian"):
+            raise ValueError(f"unknown heuristic sampler {kind!r}")
+        self.kind, self.lambda_c, self.alpha, self.beta = kind, lambda_c, alpha, beta
+
+    def __call__(self, z, seed):
+        """`[batch, list_size]` x' for labels z `[batch, list_size]` (float 0/1)."""
+        shape = ops.shape(z)
+        if self.kind == "beta":
+            eps = keras.random.beta(shape, self.alpha, self.beta, seed=seed)
+            return mix(z, eps, self.lambda_c)
+        eps = keras.random.normal(shape, seed=seed)
+        return ops.clip(mix(z, eps, self.lambda_c), 0.0, 1.0)
+
+
+class GeneratorSampler(keras.layers.Layer):
+    """The model-based sampler eps_phi(u, i, z, noise) in (0, 1), personalised by the request.
+
+    Args:
+        item_vocab: raw item ids (its own embedding table: the generator's updates never touch the
+            reranker's variables).
+        embedding_dim: its item embedding size.
+        hidden_dim: width of the hidden layer of the 2-layer MLP.
+        noise_dim: size of the fresh N(0, 1) input of every candidate.
+        lambda_c: noise level in (0, 1).
+    """
+
+    def __init__(
+        self, item_vocab, embedding_dim: int, hidden_dim: int, noise_dim: int, lambda_c: float, seed: int = 0, **kwargs
+    ):
+        super().__init__(**kwargs)
+        self.items = ItemEmbedding(item_vocab, embedding_dim, seed=seed + 17)
+        self.hidden = keras.layers.Dense(hidden_dim, activation="relu")
+        self.out = keras.layers.Dense(1)
+        self.noise_dim = noise_dim
+        self.lambda_c = lambda_c
+
+    def epsilon(self, features, z, seed):
+        """`[batch, list_size]` eps in (0, 1)."""
+        item_emb = self.items(features[S.ITEM_IDS])
+        history = features[S.HISTORY]
+        request = masked_mean(self.items(history), ops.not_equal(history, S.PADDING_ID))
+        n = ops.shape(item_emb)[1]
+        request = ops.repeat(ops.expand_dims(request, 1), n, axis=1)
+        noise = keras.random.normal((ops.shape(z)[0], n, self.noise_dim), seed=seed)
+        inputs = ops.concatenate([item_emb, request, ops.expand_dims(z, -1), noise], axis=-1)
+        return ops.squeeze(ops.sigmoid(self.out(self.hidden(inputs))), -1)
+
+    def build(self, input_shape=None):
+        # Sub-layers build on the first call, from the dict of features.
+        pass
+
+    def call(self, features, z, seed):
+        """`[batch, list_size]` x' = (1 - lambda_c) z + lambda_c eps."""
+        return mix(z, self.epsilon(features, z, seed), self.lambda_c)

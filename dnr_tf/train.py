@@ -1,0 +1,216 @@
+"""`python -m dnr_tf.train`: train a reranker (directly or with DNR) on a pipeline output.
+
+Example:
+    python -m dnr_tf.train --config configs/ml100k_dnr_b.yaml --data_dir data/ml100k \\
+        --model_dir runs/ml100k_dnr_b --set train.epochs=5 --set dnr.lambda_c=0.5
+
+Writes into `--model_dir`: `config.yaml` (resolved), `logs/` (TensorBoard), `backup/` (while
+running: `BackupAndRestore`, so a killed run resumes where it was with the same command),
+`best.weights.h5` and `best.json` (the epoch with the best validation metric), and `metrics.json`
+(validation and test metrics of the best model, seconds per epoch, the history).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import yaml  # noqa: E402
+
+from dnr_tf import config_io  # noqa: E402
+from dnr_tf.config import ExperimentConfig  # noqa: E402
+
+FEATURES = ("item_ids", "retriever_scores", "history", "user_id")
+
+
+def parse_args(argv=None) -> tuple[ExperimentConfig, str, str]:
+    parser = argparse.ArgumentParser(prog="python -m dnr_tf.train", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True, help="YAML experiment config (configs/*.yaml)")
+    parser.add_argument("--data_dir", required=True, help="output directory of `python -m pipeline.run`")
+    parser.add_argument("--model_dir", required=True, help="where the run is written (runs/<name>)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    args = parser.parse_args(argv)
+    data = config_io.apply_overrides(config_io.load_yaml(args.config), args.set)
+    return config_io.from_dict(ExperimentConfig, data), args.data_dir, args.model_dir
+
+
+def read_vocab(data_dir: str) -> list[int]:
+    path = os.path.join(data_dir, "item_vocab.txt")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: --data_dir must be an output directory of `python -m pipeline.run`")
+    with open(path) as f:
+        return [int(line) for line in f if line.strip()]
+
+
+def split_sizes(data_dir: str) -> dict[str, int]:
+    """Lists per split from the pipeline's stats.json (empty when it has none)."""
+    path = os.path.join(data_dir, "stats.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        splits = json.load(f).get("splits", {})
+    return {name: int(s["lists"]) for name, s in splits.items() if "lists" in s}
+
+
+def datasets(data_dir: str, cfg: ExperimentConfig, schema):
+    """(train, valid, test) datasets of (features, labels) pairs."""
+    import tensorflow as tf
+
+    from dnr_tf import data as data_lib
+
+    sizes = split_sizes(data_dir)
+
+    def to_pairs(batch):
+        return {k: batch[k] for k in FEATURES}, batch["labels"]
+
+    out = []
+    for split in data_lib.SPLITS:
+        train = split == "train"
+        batch = cfg.train.batch_size if train else max(cfg.train.batch_size, 256)
+        ds = data_lib.make_dataset(
+            data_lib.split_pattern(data_dir, split),
+            batch,
+            schema=schema,
+            shuffle=train,
+            shuffle_buffer=cfg.train.shuffle_buffer,
+            seed=cfg.train.seed,
+            cache=True,
+        ).map(to_pairs)
+        if split in sizes:
+            # Known length: Keras shows real progress bars and does not warn at the end of epoch 1.
+            ds = ds.apply(tf.data.experimental.assert_cardinality(math.ceil(sizes[split] / batch)))
+        out.append(ds)
+    return tuple(out)
+
+
+def check_schema(cfg: ExperimentConfig, schema) -> None:
+    config_io.check(
+        cfg.train.k <= schema.list_size, "train.k", f"must not exceed the data's list size {schema.list_size}"
+    )
+
+
+def build_model(cfg: ExperimentConfig, item_vocab, schema, example_features):
+    import keras
+
+    from dnr_tf.model import DNRModel
+
+    keras.utils.set_random_seed(cfg.train.seed)
+    model = DNRModel(cfg, item_vocab, schema.list_size, name="dnr")
+    if cfg.train.weight_decay > 0:
+        optimizer = keras.optimizers.AdamW(cfg.train.learning_rate, weight_decay=cfg.train.weight_decay)
+    else:
+        optimizer = keras.optimizers.Adam(cfg.train.learning_rate)
+    model.compile(optimizer=optimizer)
+    model.build_all(example_features)
+    return model
+
+
+def train(cfg: ExperimentConfig, data_dir: str, model_dir: str, verbose: int | None = None) -> dict:
+    """Trains, picks the best epoch on validation, evaluates it on test; returns `metrics.json`."""
+    import keras
+
+    from dnr_tf import callbacks as cb
+    from dnr_tf import schema as schema_lib
+    from dnr_tf.model import SamplerSchedule
+
+    schema = schema_lib.load_schema(data_dir)
+    check_schema(cfg, schema)
+    item_vocab = read_vocab(data_dir)
+    os.makedirs(model_dir, exist_ok=True)
+    with open(os.path.join(model_dir, "config.yaml"), "w") as f:
+        yaml.safe_dump({**config_io.to_dict(cfg), "data_dir": os.path.abspath(data_dir)}, f, sort_keys=False)
+
+    backup_dir = os.path.join(model_dir, "backup")
+    if not os.path.exists(os.path.join(backup_dir, "training_metadata.json")):
+        # A fresh run (not a resume): a finished run's files in the same directory are replaced.
+        for name in ("best.json", "best.weights.h5", "metrics.json"):
+            if os.path.exists(os.path.join(model_dir, name)):
+                os.remove(os.path.join(model_dir, name))
+
+    train_ds, valid_ds, test_ds = datasets(data_dir, cfg, schema)
+    example = next(iter(train_ds))[0]
+    model = build_model(cfg, item_vocab, schema, example)
+    monitor = f"val_{cfg.train.monitor}"
+    timer = cb.EpochTimer()
+    best = cb.BestWeights(model_dir, monitor)
+    callbacks = [
+        SamplerSchedule(cfg.dnr.lambda_e if cfg.dnr.model_based else 10**9),
+        keras.callbacks.BackupAndRestore(backup_dir, save_freq="epoch"),
+        best,
+        timer,
+        keras.callbacks.TensorBoard(os.path.join(model_dir, "logs"), histogram_freq=0),
+        cb.ScoreHistograms(os.path.join(model_dir, "logs", "scores"), example, next(iter(train_ds))[1]),
+    ]
+    if verbose is None:
+        verbose = 1 if sys.stdout.isatty() else 2
+    start = time.time()
+    history = model.fit(
+        train_ds,
+        validation_data=valid_ds,
+        epochs=cfg.train.epochs,
+        callbacks=callbacks,
+        verbose=verbose,
+        steps_per_epoch=cfg.train.steps_per_epoch,
+    )
+    wall = time.time() - start
+
+    # Optimizer step counts of the whole run (restoring the best epoch's weights rewinds them).
+    steps = {
+        "reranker": int(model.optimizer.iterations.numpy()),
+        "generator": int(model.generator_optimizer.iterations.numpy()) if model.generator_optimizer else 0,
+    }
+    best.restore(model)
+    valid = _evaluate(model, valid_ds)
+    test = _evaluate(model, test_ds)
+    result = {
+        "name": cfg.name,
+        "best_epoch": best.best_epoch,
+        "monitor": monitor,
+        "valid": valid,
+        "test": test,
+        "seconds_per_epoch": timer.seconds,
+        "train_seconds": wall,
+        "steps": steps,
+        "history": {k: [float(v) for v in vals] for k, vals in history.history.items()},
+    }
+    with open(os.path.join(model_dir, "metrics.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    return result
+
+
+def _evaluate(model, ds) -> dict:
+    logs = model.evaluate(ds, verbose=0, return_dict=True)
+    return {k: float(v) for k, v in logs.items()}
+
+
+def print_table(result: dict) -> None:
+    keys = ("hit@6", "ndcg@6", "map@6", "f1@6", "auc")
+    print(f"best epoch {result['best_epoch']} by {result['monitor']}")
+    print(f"{'split':6s} " + " ".join(f"{k:>8s}" for k in keys))
+    for split in ("valid", "test"):
+        print(f"{split:6s} " + " ".join(f"{result[split].get(k, float('nan')):8.4f}" for k in keys))
+    secs = result["seconds_per_epoch"]
+    if secs:
+        print(f"seconds per epoch: median {sorted(secs)[len(secs) // 2]:.1f}")
+
+
+def main(argv=None) -> int:
+    try:
+        cfg, data_dir, model_dir = parse_args(argv)
+        result = train(cfg, data_dir, model_dir)
+    except (config_io.ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print_table(result)
+    print(f"run written to {model_dir}/ (metrics.json, best.weights.h5, logs/ for TensorBoard)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
