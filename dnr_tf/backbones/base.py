@@ -99,3 +99,29 @@ class ScoreFeed(keras.layers.Layer):
         if self.mode != "add":
             return hidden
         return hidden + self.projection(ops.expand_dims(ops.cast(scores, hidden.dtype), -1))
+
+
+class CandidateEncoder(keras.layers.Layer):
+    """Features -> per-candidate hidden states `[batch, list_size, hidden_dim]` and the mask.
+
+    Item embedding, the request's user state and the score feed, projected to the model width:
+    the input every backbone starts from.
+    """
+
+    def __init__(self, cfg, item_vocab, seed: int = 0, activation=None, **kwargs):
+        super().__init__(**kwargs)
+        self.items = ItemEmbedding(item_vocab, cfg.embedding_dim, seed=seed)
+        self.user = UserState(cfg.hidden_dim)
+        self.feed = ScoreFeed(cfg.score_feed, cfg.hidden_dim)
+        self.projection = keras.layers.Dense(cfg.hidden_dim, activation=activation)
+
+    def build(self, input_shape=None):
+        # Sub-layers build on the first call, from the dict of features.
+        pass
+
+    def call(self, features):
+        scores = features[S.RETRIEVER_SCORES]
+        history = features[S.HISTORY]
+        user_state = self.user(self.items(history), ops.not_equal(history, S.PADDING_ID))
+        h = self.projection(self.feed.item_input(self.items(features[S.ITEM_IDS]), user_state, scores))
+        return self.feed.after_projection(h, scores), candidate_mask(features)

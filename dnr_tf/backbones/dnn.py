@@ -10,8 +10,7 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from dnr_tf import schema as S
-from dnr_tf.backbones.base import PADDING_LOGIT, ItemEmbedding, ScoreFeed, UserState, candidate_mask
+from dnr_tf.backbones.base import PADDING_LOGIT, CandidateEncoder
 
 
 class PointwiseDNN(keras.layers.Layer):
@@ -19,10 +18,7 @@ class PointwiseDNN(keras.layers.Layer):
 
     def __init__(self, cfg, item_vocab, list_size: int, seed: int = 0, **kwargs):
         super().__init__(**kwargs)
-        self.items = ItemEmbedding(item_vocab, cfg.embedding_dim, seed=seed)
-        self.user = UserState(cfg.hidden_dim)
-        self.feed = ScoreFeed(cfg.score_feed, cfg.hidden_dim)
-        self.input_projection = keras.layers.Dense(cfg.hidden_dim, activation="relu")
+        self.encoder = CandidateEncoder(cfg, item_vocab, seed=seed, activation="relu")
         self.hidden = [keras.layers.Dense(width, activation="relu") for width in cfg.dnn_layers]
         self.dropout = keras.layers.Dropout(cfg.dropout)
         self.output_logit = keras.layers.Dense(1)
@@ -32,12 +28,7 @@ class PointwiseDNN(keras.layers.Layer):
         pass
 
     def call(self, features, training=False):
-        mask = candidate_mask(features)
-        scores = features[S.RETRIEVER_SCORES]
-        history = features[S.HISTORY]
-        user_state = self.user(self.items(history), ops.not_equal(history, S.PADDING_ID))
-        h = self.input_projection(self.feed.item_input(self.items(features[S.ITEM_IDS]), user_state, scores))
-        h = self.feed.after_projection(h, scores)
+        h, mask = self.encoder(features)
         for layer in self.hidden:
             h = self.dropout(layer(h), training=training)
         logits = ops.squeeze(self.output_logit(h), -1)

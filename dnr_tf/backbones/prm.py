@@ -11,8 +11,7 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from dnr_tf import schema as S
-from dnr_tf.backbones.base import PADDING_LOGIT, ItemEmbedding, ScoreFeed, UserState, candidate_mask
+from dnr_tf.backbones.base import PADDING_LOGIT, CandidateEncoder
 
 
 class TransformerBlock(keras.layers.Layer):
@@ -42,10 +41,7 @@ class PRM(keras.layers.Layer):
         super().__init__(**kwargs)
         self.cfg = cfg
         self.list_size = list_size
-        self.items = ItemEmbedding(item_vocab, cfg.embedding_dim, seed=seed)
-        self.user = UserState(cfg.hidden_dim)
-        self.feed = ScoreFeed(cfg.score_feed, cfg.hidden_dim)
-        self.input_projection = keras.layers.Dense(cfg.hidden_dim)
+        self.encoder = CandidateEncoder(cfg, item_vocab, seed=seed)
         self.position = (
             keras.layers.Embedding(
                 list_size,
@@ -67,13 +63,7 @@ class PRM(keras.layers.Layer):
         pass
 
     def call(self, features, training=False):
-        mask = candidate_mask(features)
-        scores = features[S.RETRIEVER_SCORES]
-        item_emb = self.items(features[S.ITEM_IDS])
-        history = features[S.HISTORY]
-        user_state = self.user(self.items(history), ops.not_equal(history, S.PADDING_ID))
-        h = self.input_projection(self.feed.item_input(item_emb, user_state, scores))
-        h = self.feed.after_projection(h, scores)
+        h, mask = self.encoder(features)
         if self.position is not None:
             # Positions past the trained list size share the last row (shorter lists are padded).
             n = ops.shape(h)[1]
