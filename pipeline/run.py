@@ -95,7 +95,7 @@ def _interaction_reader(cfg: PipelineConfig):
                     pbegin
                     | "Name" >> beam.Create([name])
                     | "Load"
-                    >> beam.ParDo(_TaggedFlatMap(read_tfds, cfg.tfds_data_dir)).with_outputs(
+                    >> beam.ParDo(files.TagRejects(read_tfds, cfg.tfds_data_dir)).with_outputs(
                         files.REJECTS, main="records"
                     )
                 )
@@ -127,25 +127,6 @@ def _check_csv_header(path: str) -> None:
             raise PipelineError(str(e)) from None
         return
     raise PipelineError(f"{path} is empty: expected a CSV header naming user_id,item_id,timestamp")
-
-
-class _TaggedFlatMap:
-    """Adapts a generator of records / reject dicts to a DoFn with a `rejects` output."""
-
-    def __new__(cls, fn, *args):
-        import apache_beam as beam
-
-        from pipeline.sources.files import REJECTS
-
-        class Fn(beam.DoFn):
-            def process(self, element):
-                for out in fn(element, *args):
-                    if isinstance(out, dict) and "reason" in out:
-                        yield beam.pvalue.TaggedOutput(REJECTS, out)
-                    else:
-                        yield out
-
-        return Fn()
 
 
 def _lists_reader(cfg: PipelineConfig):

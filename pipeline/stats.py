@@ -92,7 +92,7 @@ def _key(name: str, k: int) -> str:
 
 
 class SplitListStats(beam.PTransform):
-    """Per-split means of `list_stats_row` (the split's list count is `lists` times... one)."""
+    """(`splits.<split>.<figure>`, value) pairs: per-split means of `list_stats_row`, and list counts."""
 
     def __init__(self, k: int, seed: int):
         super().__init__()

@@ -91,18 +91,29 @@ class ReadNumbered(beam.PTransform):
             | "Paths" >> beam.Create(self._paths)
             | "Match" >> fileio.MatchAll()
             | "Open" >> fileio.ReadMatches()
-            | "Parse" >> beam.ParDo(_ParseFile(self._parse_file)).with_outputs(REJECTS, main="records")
+            | "Parse" >> beam.ParDo(TagRejects(_parse_readable, self._parse_file)).with_outputs(REJECTS, main="records")
         )
 
 
-class _ParseFile(beam.DoFn):
-    def __init__(self, parse_file):
-        self._parse_file = parse_file
+class TagRejects(beam.DoFn):
+    """Runs a generator function on each element; reject dicts go to the `rejects` output.
 
-    def process(self, readable_file):
-        path = readable_file.metadata.path
-        for out in self._parse_file(path, numbered_lines(path)):
+    Args:
+        fn: element, *args -> iterable of records and reject dicts (dicts with a `reason`).
+    """
+
+    def __init__(self, fn, *args):
+        self._fn = fn
+        self._args = args
+
+    def process(self, element):
+        for out in self._fn(element, *self._args):
             if isinstance(out, dict) and "reason" in out:
                 yield beam.pvalue.TaggedOutput(REJECTS, out)
             else:
                 yield out
+
+
+def _parse_readable(readable_file, parse_file):
+    path = readable_file.metadata.path
+    return parse_file(path, numbered_lines(path))
