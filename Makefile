@@ -7,10 +7,12 @@ ML100K ?= ../shared/data/ml-100k
 
 .PHONY: venv demo test lint ml100k tensorboard clean
 
-$(VENV)/.installed: setup.py
+$(VENV)/.installed: setup.py Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
+	# TF Serving's protos (for the warmup file); --no-deps: its pin on `tensorflow` would pull a second TF.
+	$(PY) -m pip install --quiet --no-deps tensorflow-serving-api==2.21.0
 	touch $@
 
 venv: $(VENV)/.installed

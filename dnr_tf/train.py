@@ -16,6 +16,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import sys
 import time
 
@@ -29,21 +30,35 @@ from dnr_tf.config import ExperimentConfig  # noqa: E402
 FEATURES = ("item_ids", "retriever_scores", "history", "user_id")
 
 
-def parse_args(argv=None) -> tuple[ExperimentConfig, str, str]:
+def parse_args(argv=None) -> tuple[ExperimentConfig, str, str, str | None]:
     parser = argparse.ArgumentParser(prog="python -m dnr_tf.train", description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True, help="YAML experiment config (configs/*.yaml)")
     parser.add_argument("--data_dir", required=True, help="output directory of `python -m pipeline.run`")
     parser.add_argument("--model_dir", required=True, help="where the run is written (runs/<name>)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    parser.add_argument(
+        "--export",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="EXPORT_DIR",
+        help="also export the best model for TF Serving (default saved_models/<name>)",
+    )
     args = parser.parse_args(argv)
     data = config_io.apply_overrides(config_io.load_yaml(args.config), args.set)
-    return config_io.from_dict(ExperimentConfig, data), args.data_dir, args.model_dir
+    cfg = config_io.from_dict(ExperimentConfig, data)
+    export = None if args.export is None else (args.export or os.path.join("saved_models", cfg.name))
+    return cfg, args.data_dir, args.model_dir, export
 
 
-def read_vocab(data_dir: str) -> list[int]:
-    path = os.path.join(data_dir, "item_vocab.txt")
+def read_vocab(directory: str) -> list[int]:
+    """The item vocabulary of a pipeline output (or of a run, which keeps a copy)."""
+    path = os.path.join(directory, "item_vocab.txt")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found: --data_dir must be an output directory of `python -m pipeline.run`")
+        raise FileNotFoundError(
+            f"{path} not found: expected an output directory of `python -m pipeline.run` "
+            "(or a run directory of `python -m dnr_tf.train`)"
+        )
     with open(path) as f:
         return [int(line) for line in f if line.strip()]
 
@@ -95,6 +110,18 @@ def check_schema(cfg: ExperimentConfig, schema) -> None:
     )
 
 
+def load_run(model_dir: str):
+    """(config, item vocabulary, record schema) of a run directory that `train` wrote."""
+    from dnr_tf import schema as schema_lib
+
+    path = os.path.join(model_dir, "config.yaml")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: --model_dir must be a run directory of `python -m dnr_tf.train`")
+    data = config_io.load_yaml(path)
+    data.pop("data_dir", None)
+    return config_io.from_dict(ExperimentConfig, data), read_vocab(model_dir), schema_lib.load_schema(model_dir)
+
+
 def build_model(cfg: ExperimentConfig, item_vocab, schema, example_features):
     import keras
 
@@ -123,6 +150,9 @@ def train(cfg: ExperimentConfig, data_dir: str, model_dir: str, verbose: int | N
     check_schema(cfg, schema)
     item_vocab = read_vocab(data_dir)
     os.makedirs(model_dir, exist_ok=True)
+    # The run is self-contained: export and evaluate need its vocabulary and record shapes.
+    for name in ("item_vocab.txt", schema_lib.SCHEMA_FILE):
+        shutil.copyfile(os.path.join(data_dir, name), os.path.join(model_dir, name))
     with open(os.path.join(model_dir, "config.yaml"), "w") as f:
         yaml.safe_dump({**config_io.to_dict(cfg), "data_dir": os.path.abspath(data_dir)}, f, sort_keys=False)
 
@@ -202,13 +232,17 @@ def print_table(result: dict) -> None:
 
 def main(argv=None) -> int:
     try:
-        cfg, data_dir, model_dir = parse_args(argv)
+        cfg, data_dir, model_dir, export_dir = parse_args(argv)
         result = train(cfg, data_dir, model_dir)
     except (config_io.ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print_table(result)
     print(f"run written to {model_dir}/ (metrics.json, best.weights.h5, logs/ for TensorBoard)")
+    if export_dir is not None:
+        from dnr_tf.export import export_run
+
+        print(f"exported to {export_run(model_dir, export_dir)}")
     return 0
 
 

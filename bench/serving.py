@@ -1,0 +1,132 @@
+"""Serving benchmark through the loaded SavedModel (what TF Serving runs), written as JSON.
+
+    python -m bench.serving --model saved_models/ml100k_dnr_b/1 --data_dir data/ml100k \
+        --output bench/results/serving.json [--quick]
+
+Measures `predict_lists` (dense tensors) in-process: the latency of one request of 50 candidates
+(p50, p99 over `--calls` calls, after warm-up) and the throughput in lists per second at several
+batch sizes, and the same of `serving_default` (serialized tf.Examples, parsing included).
+It imports nothing of dnr_tf for the measured path: the SavedModel alone is timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import platform
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+
+def _records(data_dir: str, n: int) -> list[bytes]:
+    files = sorted(glob.glob(os.path.join(data_dir, "test-*.tfrecord.gz")))
+    ds = tf.data.TFRecordDataset(files, compression_type="GZIP").repeat().take(n)
+    return [bytes(x.numpy()) for x in ds]
+
+
+def _dense(records: list[bytes]) -> dict:
+    spec = {
+        "item_ids": tf.io.RaggedFeature(tf.int64),
+        "retriever_scores": tf.io.RaggedFeature(tf.float32),
+        "history": tf.io.RaggedFeature(tf.int64),
+        "user_id": tf.io.FixedLenFeature([], tf.int64),
+    }
+    parsed = tf.io.parse_example(tf.constant(records), spec)
+    return {
+        "item_ids": parsed["item_ids"].to_tensor(),
+        "retriever_scores": parsed["retriever_scores"].to_tensor(),
+        "history": parsed["history"].to_tensor(),
+        "user_id": parsed["user_id"],
+    }
+
+
+def _latencies(fn, calls: int, warmup: int) -> np.ndarray:
+    for _ in range(warmup):
+        fn()
+    out = np.empty(calls)
+    for i in range(calls):
+        start = time.perf_counter()
+        fn()
+        out[i] = time.perf_counter() - start
+    return out
+
+
+def run(model: str, data_dir: str, calls: int, batches: list[int], seconds: float) -> dict:
+    loaded = tf.saved_model.load(model)
+    dense_fn = loaded.signatures["predict_lists"]
+    examples_fn = loaded.signatures["serving_default"]
+    records = _records(data_dir, max(batches))
+    result = {
+        "model": os.path.abspath(model),
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "cpus": os.cpu_count(),
+            "tensorflow": tf.__version__,
+        },
+    }
+    one = _dense(records[:1])
+    lat = _latencies(lambda: dense_fn(**one), calls, warmup=50)
+    one_ex = tf.constant(records[:1])
+    lat_ex = _latencies(lambda: examples_fn(examples=one_ex), calls, warmup=50)
+    result["single_request"] = {
+        "candidates": int(one["item_ids"].shape[1]),
+        "calls": calls,
+        "predict_lists_ms": {"p50": 1e3 * float(np.percentile(lat, 50)), "p99": 1e3 * float(np.percentile(lat, 99))},
+        "serving_default_ms": {
+            "p50": 1e3 * float(np.percentile(lat_ex, 50)),
+            "p99": 1e3 * float(np.percentile(lat_ex, 99)),
+        },
+    }
+    result["throughput_lists_per_s"] = {}
+    for batch in batches:
+        dense = _dense(records[:batch])
+        ex = tf.constant(records[:batch])
+        row = {}
+        for name, call in (
+            ("predict_lists", lambda dense=dense: dense_fn(**dense)),
+            ("serving_default", lambda ex=ex: examples_fn(examples=ex)),
+        ):
+            for _ in range(5):
+                call()
+            n, start = 0, time.perf_counter()
+            while time.perf_counter() - start < seconds:
+                call()
+                n += 1
+            row[name] = batch * n / (time.perf_counter() - start)
+        result["throughput_lists_per_s"][str(batch)] = row
+    return result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.serving", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", required=True, help="saved_models/<name>/<version>")
+    parser.add_argument("--data_dir", required=True, help="pipeline output whose test records are the requests")
+    parser.add_argument("--output", default="bench/results/serving.json")
+    parser.add_argument("--quick", action="store_true", help="a run under a minute")
+    args = parser.parse_args(argv)
+    calls, seconds = (300, 1.0) if args.quick else (2000, 5.0)
+    result = run(args.model, args.data_dir, calls, [1, 16, 64, 256], seconds)
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    with open(args.output, "w") as f:
+        json.dump(result, f, indent=2)
+    s = result["single_request"]
+    print(f"one request of {s['candidates']} candidates, {s['calls']} calls:")
+    for name in ("predict_lists", "serving_default"):
+        print(f"  {name:16s} p50 {s[f'{name}_ms']['p50']:.2f} ms   p99 {s[f'{name}_ms']['p99']:.2f} ms")
+    print("throughput (lists/s):")
+    for batch, row in result["throughput_lists_per_s"].items():
+        dense_rate, examples_rate = row["predict_lists"], row["serving_default"]
+        print(f"  batch {batch:>4s}: predict_lists {dense_rate:9.0f}   serving_default {examples_rate:9.0f}")
+    print(f"written to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,251 @@
+"""`python -m dnr_tf.export`: the trained reranker as a SavedModel for TF Serving.
+
+Example:
+    python -m dnr_tf.export --model_dir runs/ml100k_dnr_b --export_dir saved_models/ml100k_dnr_b
+
+Writes `<export_dir>/<version>/` (the next free integer unless `--version`), the layout TF
+Serving watches, with two signatures:
+- `serving_default`: `examples` `[None]` string, serialized `tf.train.Example`s in the pipeline's
+  record format (labels not needed; lists may differ in length within a batch);
+- `predict_lists`: dense `item_ids` int64 `[None, None]`, `retriever_scores` float32
+  `[None, None]`, `history` int64 `[None, None]`, `user_id` int64 `[None]` (for the REST API).
+Both return `scores` float32 `[batch, list_size]` (p(z = 1) of each candidate, 0.0 on padding),
+`top_k_item_ids` int64 `[batch, K]` and `top_k_indices` int32 `[batch, K]` (best first; 0 and -1
+where a list has fewer than K candidates). Item id 0 is padding; ids outside the vocabulary use
+the out-of-vocabulary embedding. A score outside [0, 1], NaN, or a list longer than the trained
+list size is rejected with an error naming the field. Only the reranker is exported: the noise
+generator is training-only. `assets.extra/tf_serving_warmup_requests` holds a few real requests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import shutil
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from dnr_tf import config_io  # noqa: E402
+from dnr_tf import schema as S  # noqa: E402
+
+WARMUP_FILE = "tf_serving_warmup_requests"
+WARMUP_REQUESTS = 4
+
+
+def serving_fns(reranker, list_size: int, k: int):
+    """(predict_lists, serve_examples) tf.functions around a built reranker."""
+    import tensorflow as tf
+
+    def predict(item_ids, retriever_scores, history):
+        n = tf.shape(item_ids)[1]
+        in_range = tf.math.is_finite(retriever_scores) & (retriever_scores >= 0.0) & (retriever_scores <= 1.0)
+        checks = [
+            tf.debugging.assert_less_equal(
+                n,
+                list_size,
+                message=f"item_ids: a list has more candidates than the model was trained for ({list_size})",
+            ),
+            tf.debugging.assert_equal(
+                tf.shape(retriever_scores),
+                tf.shape(item_ids),
+                message="retriever_scores must have the shape of item_ids [batch, list_size]",
+            ),
+            tf.debugging.Assert(
+                tf.reduce_all(in_range),
+                ["retriever_scores must be finite numbers in [0, 1] (found NaN, inf or out of range)"],
+            ),
+            tf.debugging.Assert(tf.reduce_all(item_ids >= 0), ["item_ids must be >= 0 (0 is padding)"]),
+        ]
+        with tf.control_dependencies(checks):
+            logits = reranker(
+                {S.ITEM_IDS: item_ids, S.RETRIEVER_SCORES: retriever_scores, S.HISTORY: history}, training=False
+            )
+        mask = tf.not_equal(item_ids, S.PADDING_ID)
+        scores = tf.where(mask, tf.sigmoid(logits), 0.0)
+        top = tf.math.top_k(tf.where(mask, logits, -float("inf")), k=tf.minimum(k, n))
+        valid = tf.gather(mask, top.indices, batch_dims=1)
+        indices = tf.where(valid, top.indices, -1)
+        ids = tf.where(valid, tf.gather(item_ids, top.indices, batch_dims=1), tf.zeros_like(item_ids[:, :1]))
+        short = k - tf.shape(indices)[1]
+        return {
+            "scores": scores,
+            "top_k_item_ids": tf.ensure_shape(tf.pad(ids, [[0, 0], [0, short]]), [None, k]),
+            "top_k_indices": tf.ensure_shape(tf.pad(indices, [[0, 0], [0, short]], constant_values=-1), [None, k]),
+        }
+
+    @tf.function
+    def predict_lists(item_ids, retriever_scores, history, user_id):
+        del user_id  # part of the request for logging and future backbones; PRM/DNN read the history
+        return predict(item_ids, retriever_scores, history)
+
+    spec = {
+        S.ITEM_IDS: tf.io.RaggedFeature(tf.int64),
+        S.RETRIEVER_SCORES: tf.io.RaggedFeature(tf.float32),
+        S.HISTORY: tf.io.RaggedFeature(tf.int64),
+    }
+
+    @tf.function
+    def serve_examples(examples):
+        parsed = tf.io.parse_example(examples, spec)
+        lengths_match = tf.reduce_all(
+            tf.equal(parsed[S.ITEM_IDS].row_lengths(), parsed[S.RETRIEVER_SCORES].row_lengths())
+        )
+        with tf.control_dependencies(
+            [tf.debugging.Assert(lengths_match, ["retriever_scores must hold one value per item_ids entry"])]
+        ):
+            item_ids = parsed[S.ITEM_IDS].to_tensor(default_value=S.PADDING_ID)
+        scores = parsed[S.RETRIEVER_SCORES].to_tensor(default_value=S.PADDING_SCORE)
+        history = parsed[S.HISTORY].to_tensor(default_value=S.PADDING_ID)
+        return predict(item_ids, scores, history)
+
+    return predict_lists, serve_examples
+
+
+def next_version(export_dir: str) -> int:
+    versions = [
+        int(os.path.basename(p)) for p in glob.glob(os.path.join(export_dir, "*")) if os.path.basename(p).isdigit()
+    ]
+    return max(versions, default=0) + 1
+
+
+def export_model(
+    model,
+    export_dir: str,
+    k: int,
+    list_size: int,
+    version: int | None = None,
+    warmup_examples: list[bytes] | None = None,
+    info: dict | None = None,
+) -> str:
+    """Saves `model.reranker` with both signatures into `<export_dir>/<version>/`; returns that path.
+
+    The SavedModel is written into a temporary folder and renamed into place, so that TF Serving,
+    which watches `export_dir`, never loads a half-written version.
+    """
+    import keras
+    import tensorflow as tf
+
+    version = next_version(export_dir) if version is None else version
+    final = os.path.join(export_dir, str(version))
+    if os.path.exists(final):
+        raise FileExistsError(f"{final} exists: TF Serving versions are immutable; pick another --version")
+    tmp = os.path.join(export_dir, f".tmp-{version}")
+    shutil.rmtree(tmp, ignore_errors=True)
+
+    predict_lists, serve_examples = serving_fns(model.reranker, list_size, k)
+    archive = keras.export.ExportArchive()
+    archive.track(model.reranker)
+    archive.add_endpoint(
+        "serving_default", serve_examples, input_signature=[tf.TensorSpec([None], tf.string, name="examples")]
+    )
+    archive.add_endpoint(
+        "predict_lists",
+        predict_lists,
+        input_signature=[
+            tf.TensorSpec([None, None], tf.int64, name="item_ids"),
+            tf.TensorSpec([None, None], tf.float32, name="retriever_scores"),
+            tf.TensorSpec([None, None], tf.int64, name="history"),
+            tf.TensorSpec([None], tf.int64, name="user_id"),
+        ],
+    )
+    archive.write_out(tmp, verbose=False)
+    extra = os.path.join(tmp, "assets.extra")
+    os.makedirs(extra, exist_ok=True)
+    if warmup_examples:
+        write_warmup(os.path.join(extra, WARMUP_FILE), warmup_examples)
+    with open(os.path.join(extra, "dnr_export.json"), "w") as f:
+        json.dump({"k": k, "list_size": list_size, **(info or {})}, f, indent=2)
+    os.replace(tmp, final)
+    return final
+
+
+def write_warmup(path: str, examples: list[bytes], model_name: str = "dnr") -> None:
+    """TF Serving warmup: `PredictionLog` records of `serving_default` requests, as a TFRecord file."""
+    import tensorflow as tf
+    from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
+
+    with tf.io.TFRecordWriter(path) as writer:
+        for start in range(0, len(examples), 2):
+            batch = examples[start : start + 2]
+            request = predict_pb2.PredictRequest(
+                model_spec=model_pb2.ModelSpec(name=model_name, signature_name="serving_default")
+            )
+            request.inputs["examples"].CopyFrom(tf.make_tensor_proto(batch, dtype=tf.string))
+            log = prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request))
+            writer.write(log.SerializeToString())
+
+
+def read_examples(data_dir: str, split: str = "valid", n: int = WARMUP_REQUESTS) -> list[bytes]:
+    """The first `n` serialized records of a split (real requests for the warmup file)."""
+    import tensorflow as tf
+
+    from dnr_tf import data as data_lib
+
+    files = sorted(glob.glob(data_lib.split_pattern(data_dir, split)))
+    if not files:
+        return []
+    ds = tf.data.TFRecordDataset(files, compression_type="GZIP").take(n)
+    return [bytes(x.numpy()) for x in ds]
+
+
+def load_trained(model_dir: str):
+    """The DNR model of a run directory, with its best weights; (model, config, schema)."""
+    import numpy as np
+
+    from dnr_tf.train import build_model, load_run
+
+    cfg, vocab, schema = load_run(model_dir)
+    weights = os.path.join(model_dir, "best.weights.h5")
+    if not os.path.exists(weights):
+        raise FileNotFoundError(f"{weights} not found: the run has not finished an epoch")
+    n = schema.list_size
+    dummy = {
+        S.ITEM_IDS: np.ones((1, n), np.int64) * vocab[0],
+        S.RETRIEVER_SCORES: np.full((1, n), 0.5, np.float32),
+        S.HISTORY: np.zeros((1, schema.history_len), np.int64),
+        S.USER_ID: np.ones((1,), np.int64),
+    }
+    model = build_model(cfg, vocab, schema, dummy)
+    model.load_weights(weights)
+    return model, cfg, schema
+
+
+def export_run(model_dir: str, export_dir: str, version: int | None = None, data_dir: str | None = None) -> str:
+    """Exports the best model of a run; warmup requests come from the run's data (or `data_dir`)."""
+    model, cfg, schema = load_trained(model_dir)
+    if data_dir is None:
+        data_dir = config_io.load_yaml(os.path.join(model_dir, "config.yaml")).get("data_dir")
+    examples = read_examples(data_dir) if data_dir and os.path.isdir(data_dir) else []
+    if not examples:
+        print("warning: no records found for the warmup file (pass --data_dir)", file=sys.stderr)
+    info = {
+        "name": cfg.name,
+        "backbone": cfg.model.backbone,
+        "score_feed": cfg.model.score_feed,
+        "dnr": cfg.dnr.enabled,
+        "model_dir": os.path.abspath(model_dir),
+    }
+    return export_model(model, export_dir, cfg.train.k, schema.list_size, version, examples, info)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dnr_tf.export", description=__doc__.split("\n")[0])
+    parser.add_argument("--model_dir", required=True, help="a run directory of `python -m dnr_tf.train`")
+    parser.add_argument("--export_dir", required=True, help="saved_models/<model_name>")
+    parser.add_argument("--version", type=int, help="integer version (default: the next free one)")
+    parser.add_argument("--data_dir", help="records for the warmup file (default: the run's data)")
+    args = parser.parse_args(argv)
+    try:
+        path = export_run(args.model_dir, args.export_dir, args.version, args.data_dir)
+    except (config_io.ConfigError, FileNotFoundError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"exported to {path} (signatures: serving_default, predict_lists)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

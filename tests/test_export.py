@@ -1,0 +1,261 @@
+"""SavedModel export: serves in a fresh process without dnr_tf, matches the in-memory model, rejects bad input."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from dnr_tf import schema as S
+from dnr_tf.evaluate import evaluate
+from dnr_tf.export import WARMUP_FILE, export_run, load_trained, next_version, read_examples
+from dnr_tf.train import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOKE = os.path.join(ROOT, "configs", "smoke.yaml")
+
+
+@pytest.fixture(scope="module")
+def exported(synthetic_data, tmp_path_factory):
+    from dnr_tf import config_io
+    from dnr_tf.config import ExperimentConfig
+
+    data_dir, _ = synthetic_data
+    tmp = tmp_path_factory.mktemp("export")
+    cfg = config_io.from_dict(ExperimentConfig, config_io.load_yaml(SMOKE))
+    train(cfg, str(data_dir), str(tmp / "run"), verbose=0)
+    path = export_run(str(tmp / "run"), str(tmp / "saved" / "smoke"))
+    model, _, schema = load_trained(str(tmp / "run"))
+    return {"path": path, "run": tmp / "run", "model": model, "schema": schema, "data_dir": data_dir, "tmp": tmp}
+
+
+def _dense_batch(data_dir, n=8):
+    from dnr_tf import data as data_lib
+
+    batch = next(iter(data_lib.make_dataset(data_lib.split_pattern(data_dir, "test"), n)))
+    return {key: batch[key].numpy() for key in (S.ITEM_IDS, S.RETRIEVER_SCORES, S.HISTORY, S.USER_ID)}
+
+
+def _expected(model, dense, k=6):
+    logits = np.asarray(model({key: dense[key] for key in (S.ITEM_IDS, S.RETRIEVER_SCORES, S.HISTORY)}))
+    mask = dense[S.ITEM_IDS] != 0
+    scores = np.where(mask, 1 / (1 + np.exp(-logits)), 0.0)
+    top = np.argsort(-np.where(mask, logits, -np.inf), axis=1, kind="stable")[:, :k]
+    return scores, top
+
+
+def test_versions_layout_and_warmup(exported):
+    path = exported["path"]
+    assert os.path.basename(path) == "1" and os.path.exists(os.path.join(path, "saved_model.pb"))
+    assert next_version(os.path.dirname(path)) == 2
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    records = list(tf.data.TFRecordDataset(os.path.join(path, "assets.extra", WARMUP_FILE)))
+    assert records
+    for raw in records:
+        log = prediction_log_pb2.PredictionLog.FromString(raw.numpy())
+        assert log.predict_log.request.model_spec.signature_name == "serving_default"
+        examples = tf.make_ndarray(log.predict_log.request.inputs["examples"])
+        assert len(examples) >= 1 and tf.train.Example.FromString(examples[0]).features.feature[S.ITEM_IDS]
+    info = json.load(open(os.path.join(path, "assets.extra", "dnr_export.json")))
+    assert info["k"] == 6 and info["list_size"] == 50 and info["dnr"] is True
+    # The generator is training-only: none of its variables is exported.
+    names = [name for name, _ in tf.train.list_variables(os.path.join(path, "variables", "variables"))]
+    assert names and not any("generator" in name for name in names)
+
+
+def test_signatures_match_the_in_memory_model(exported):
+    loaded = tf.saved_model.load(exported["path"])
+    dense = _dense_batch(exported["data_dir"])
+    scores, top = _expected(exported["model"], dense)
+    out = loaded.signatures["predict_lists"](
+        item_ids=tf.constant(dense[S.ITEM_IDS]),
+        retriever_scores=tf.constant(dense[S.RETRIEVER_SCORES]),
+        history=tf.constant(dense[S.HISTORY]),
+        user_id=tf.constant(dense[S.USER_ID]),
+    )
+    np.testing.assert_allclose(out["scores"].numpy(), scores, atol=1e-5)
+    np.testing.assert_array_equal(out["top_k_indices"].numpy(), top)
+    np.testing.assert_array_equal(out["top_k_item_ids"].numpy(), np.take_along_axis(dense[S.ITEM_IDS], top, 1))
+    examples = read_examples(str(exported["data_dir"]), "test", 8)
+    out2 = loaded.signatures["serving_default"](examples=tf.constant(examples))
+    np.testing.assert_allclose(out2["scores"].numpy(), scores, atol=1e-5)
+
+
+def test_fresh_process_without_dnr_tf(exported, tmp_path):
+    dense = _dense_batch(exported["data_dir"], 4)
+    np.savez(tmp_path / "in.npz", **dense)
+    examples = read_examples(str(exported["data_dir"]), "test", 4)
+    (tmp_path / "examples.bin").write_bytes(b"".join(len(e).to_bytes(4, "little") + e for e in examples))
+    script = textwrap.dedent(
+        f"""
+        import sys, importlib.abc
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path, target=None):
+                if name.split(".")[0] in ("dnr_tf", "pipeline"):
+                    raise ImportError("the export must not need " + name)
+        sys.meta_path.insert(0, Block())
+        import numpy as np, tensorflow as tf
+        m = tf.saved_model.load({exported["path"]!r})
+        d = np.load({str(tmp_path / "in.npz")!r})
+        a = m.signatures["predict_lists"](item_ids=tf.constant(d["item_ids"]),
+            retriever_scores=tf.constant(d["retriever_scores"]), history=tf.constant(d["history"]),
+            user_id=tf.constant(d["user_id"]))
+        raw = open({str(tmp_path / "examples.bin")!r}, "rb").read()
+        ex, i = [], 0
+        while i < len(raw):
+            n = int.from_bytes(raw[i:i + 4], "little"); ex.append(raw[i + 4:i + 4 + n]); i += 4 + n
+        b = m.signatures["serving_default"](examples=tf.constant(ex))
+        assert not any(k.startswith(("dnr_tf", "pipeline")) for k in sys.modules)
+        np.savez({str(tmp_path / "out.npz")!r}, a=a["scores"].numpy(), b=b["scores"].numpy(),
+                 ids=a["top_k_item_ids"].numpy())
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, check=True, capture_output=True)
+    out = np.load(tmp_path / "out.npz")
+    scores, top = _expected(exported["model"], dense)
+    np.testing.assert_allclose(out["a"], scores, atol=1e-5)
+    np.testing.assert_allclose(out["b"], scores, atol=1e-5)
+    np.testing.assert_array_equal(out["ids"], np.take_along_axis(dense[S.ITEM_IDS], top, 1))
+
+
+def test_saved_model_cli_show_and_run(exported):
+    cli = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
+    show = subprocess.run([cli, "show", "--dir", exported["path"], "--all"], capture_output=True, text=True, check=True)
+    for name in ("serving_default", "predict_lists", "examples", "scores", "top_k_item_ids", "top_k_indices"):
+        assert name in show.stdout
+    run = subprocess.run(
+        [
+            cli,
+            "run",
+            "--dir",
+            exported["path"],
+            "--tag_set",
+            "serve",
+            "--signature_def",
+            "predict_lists",
+            "--input_exprs",
+            "item_ids=[[1, 2, 3, 0]];retriever_scores=[[0.9, 0.5, 0.1, 0.0]];history=[[4, 5]];user_id=[7]",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    lines = run.stdout.splitlines()
+    indices = lines[lines.index("Result for output key top_k_indices:") + 1]
+    ids = lines[lines.index("Result for output key top_k_item_ids:") + 1]
+    numbers = [int(v) for v in indices.strip("[] ").split()]
+    assert sorted(numbers[:3]) == [0, 1, 2] and numbers[3:] == [-1, -1, -1], indices
+    assert (
+        sorted(int(v) for v in ids.strip("[] ").split()[:3]) == [1, 2, 3] and ids.strip("[] ").split()[3:] == ["0"] * 3
+    )
+
+
+def _call(loaded, ids, scores, history=None):
+    ids = np.asarray(ids, np.int64)
+    history = np.zeros((len(ids), 3), np.int64) if history is None else history
+    return loaded.signatures["predict_lists"](
+        item_ids=tf.constant(ids),
+        retriever_scores=tf.constant(np.asarray(scores, np.float32)),
+        history=tf.constant(history),
+        user_id=tf.constant(np.ones(len(ids), np.int64)),
+    )
+
+
+def test_bad_inputs_name_the_problem(exported):
+    loaded = tf.saved_model.load(exported["path"])
+    with pytest.raises(tf.errors.InvalidArgumentError, match="retriever_scores"):
+        _call(loaded, [[1, 2, 3]], [[0.5, float("nan"), 0.1]])
+    with pytest.raises(tf.errors.InvalidArgumentError, match="retriever_scores"):
+        _call(loaded, [[1, 2, 3]], [[0.5, 1.5, 0.1]])
+    with pytest.raises(tf.errors.InvalidArgumentError, match="more candidates than the model was trained for"):
+        _call(loaded, np.ones((1, 60)), np.full((1, 60), 0.5))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="retriever_scores must have the shape of item_ids"):
+        _call(loaded, [[1, 2, 3]], [[0.5, 0.1]])
+    with pytest.raises((TypeError, ValueError, tf.errors.InvalidArgumentError)):
+        loaded.signatures["predict_lists"](
+            item_ids=tf.constant([[1.0, 2.0]]),
+            retriever_scores=tf.constant([[0.5, 0.5]]),
+            history=tf.constant([[1]], tf.int64),
+            user_id=tf.constant([1], tf.int64),
+        )
+    with pytest.raises(tf.errors.InvalidArgumentError):
+        loaded.signatures["serving_default"](examples=tf.constant([b"not a tf.Example"]))
+
+
+def test_short_lists_padding_and_unknown_ids(exported):
+    loaded = tf.saved_model.load(exported["path"])
+    out = _call(loaded, [[10**15, 3, 0, 0]], [[0.9, 0.4, 0.0, 0.0]])  # an unknown id and two padded slots
+    scores = out["scores"].numpy()
+    assert np.all(np.isfinite(scores)) and scores[0, 2] == 0.0 and scores[0, 3] == 0.0 and scores[0, 0] > 0
+    assert sorted(out["top_k_indices"].numpy()[0, :2].tolist()) == [0, 1]
+    assert out["top_k_indices"].numpy()[0, 2:].tolist() == [-1] * 4
+    assert out["top_k_item_ids"].numpy()[0, 2:].tolist() == [0] * 4
+
+
+def test_evaluate_export_equals_run(exported):
+    from_export = evaluate(exported["path"], str(exported["data_dir"]), "test")
+    from_run = evaluate(str(exported["run"]), str(exported["data_dir"]), "test")
+    for key, value in from_run["metrics"]["model"].items():
+        assert from_export["metrics"]["model"][key] == pytest.approx(value, abs=1e-6), key
+    trained = json.load(open(exported["run"] / "metrics.json"))["test"]
+    assert from_run["metrics"]["model"]["ndcg@6"] == pytest.approx(trained["ndcg@6"], abs=1e-5)
+    assert from_run["metrics"]["retriever_order"]["ndcg@6"] > 0 and from_run["lists"] > 0
+
+
+def test_serving_docs_artefacts_work(exported):
+    """The README's REST body, gRPC request and models.config, checked against the export."""
+    from google.protobuf import text_format
+    from tensorflow_serving.config import model_server_config_pb2
+
+    docs = os.path.join(ROOT, "docs", "serving")
+    loaded = tf.saved_model.load(exported["path"])
+    body = json.load(open(os.path.join(docs, "predict_lists_request.json")))
+    sig = loaded.signatures[body["signature_name"]]
+    dtypes = {name: spec.dtype for name, spec in sig.structured_input_signature[1].items()}
+    out = sig(**{name: tf.constant(value, dtypes[name]) for name, value in body["inputs"].items()})
+    assert out["scores"].shape == (1, 6) and out["scores"].numpy()[0, 5] == 0.0
+
+    sys.path.insert(0, docs)
+    try:
+        from grpc_client import build_request
+    finally:
+        sys.path.remove(docs)
+    examples = read_examples(str(exported["data_dir"]), "test", 2)
+    request = build_request(examples, "smoke")
+    assert request.model_spec.signature_name == "serving_default"
+    served = loaded.signatures["serving_default"](examples=tf.constant(tf.make_ndarray(request.inputs["examples"])))
+    assert served["top_k_item_ids"].shape == (2, 6)
+
+    config = text_format.Parse(
+        open(os.path.join(docs, "models.config")).read(), model_server_config_pb2.ModelServerConfig()
+    )
+    assert [c.name for c in config.model_config_list.config] == ["ml100k_dnr_b", "ml100k_prm_concat"]
+
+
+def test_train_with_export_flag(synthetic_data, tmp_path):
+    from dnr_tf.train import main
+
+    data_dir, _ = synthetic_data
+    export_dir = tmp_path / "saved" / "smoke"
+    args = [
+        "--config",
+        SMOKE,
+        "--data_dir",
+        str(data_dir),
+        "--model_dir",
+        str(tmp_path / "run"),
+        "--set",
+        "train.epochs=1",
+        "--export",
+        str(export_dir),
+    ]
+    assert main(args) == 0
+    assert (export_dir / "1" / "saved_model.pb").exists()
+    assert main(args) == 0, "a second run exports the next version"
+    assert (export_dir / "2" / "saved_model.pb").exists()
