@@ -21,10 +21,11 @@ setup(
         "tensorboard",
         "numpy",
         "pyyaml",
+        "scipy",  # the study's paired t-tests
+        "matplotlib",  # the study's figures
     ],
     extras_require={
         "test": ["pytest", "ruff"],
-        "plots": ["matplotlib"],
     },
     license="Apache-2.0",
 )

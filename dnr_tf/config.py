@@ -58,8 +58,10 @@ class DNRConfig:
         enabled: train with L_theta = L_direct + lambda_m L_z; off, plain direct training (PRM).
         lambda_m: weight of the augmented reconstruction loss L_z (eq. 6).
         lambda_c: noise level of x' = (1 - lambda_c) z + lambda_c eps (eq. 4), in (0, 1).
-        heuristic: heuristic sampler: `beta` (eps ~ Beta(alpha, beta), DNR-B) or `gaussian`
-            (eps ~ N(0, 1), DNR-G; x' is clipped to [0, 1]).
+        heuristic: heuristic sampler: `beta` (eps ~ Beta(alpha, beta), DNR-B), `gaussian`
+            (eps ~ N(0, 1), DNR-G; x' is clipped to [0, 1]), or `calibrated` (beyond the paper:
+            x' ~ Beta(a_z, b_z), one Beta per label fitted by moments to the real x of the train
+            split, so x' is exactly as informative about z as x is; lambda_c is not used).
         beta_alpha: alpha of the Beta sampler.
         beta_beta: beta of the Beta sampler.
         model_based: switch to the learned sampler after `lambda_e` epochs (DNR-G / DNR-B);
@@ -78,7 +80,7 @@ class DNRConfig:
     enabled: bool = True
     lambda_m: float = 0.5
     lambda_c: float = 0.5
-    heuristic: Literal["beta", "gaussian"] = "beta"
+    heuristic: Literal["beta", "gaussian", "calibrated"] = "beta"
     beta_alpha: float = 0.5
     beta_beta: float = 0.5
     model_based: bool = True

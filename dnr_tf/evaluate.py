@@ -49,10 +49,9 @@ def _scorer(model_path: str):
     raise FileNotFoundError(f"{model_path} is neither a SavedModel (saved_model.pb) nor a run directory (config.yaml)")
 
 
-def evaluate(
-    model_path: str, data_dir: str, split: str = "test", k: int = 6, seed: int = 0, batch_size: int = 256
-) -> dict:
-    """Metrics of the model, the retriever's order and a random order on one split."""
+def _table(data_dir: str, split: str, k: int, seed: int, batch_size: int, score=None):
+    """(metric rows, lists): the model (when `score` is given), the retriever's order, a random
+    order and, on data with oracle scores, the oracle's order."""
     import numpy as np
     import tensorflow as tf
 
@@ -63,9 +62,10 @@ def evaluate(
     files = sorted(glob.glob(data_lib.split_pattern(data_dir, split)))
     if not files:
         raise FileNotFoundError(f"no {split} records in {data_dir}")
-    score, description = _scorer(model_path)
     spec = schema.feature_spec()
-    rows = {name: RankingMetrics(k) for name in ("model", "retriever_order", "random_order")}
+    names = (["model"] if score else []) + ["retriever_order", "random_order"]
+    names += ["oracle_order"] if schema.has_oracle else []
+    rows = {name: RankingMetrics(k) for name in names}
     rng = np.random.default_rng(seed)
     lists = 0
     for serialized in tf.data.TFRecordDataset(files, compression_type="GZIP").batch(batch_size):
@@ -73,18 +73,36 @@ def evaluate(
         labels = parsed[S.LABELS]
         mask = labels >= 0
         n = labels.shape[1]
-        rows["model"].update_state(labels, score(serialized, parsed), mask)
+        if score:
+            rows["model"].update_state(labels, score(serialized, parsed), mask)
         order = np.tile(-np.arange(n, dtype=np.float32), (labels.shape[0], 1))
         rows["retriever_order"].update_state(labels, order, mask)
         rows["random_order"].update_state(labels, rng.random(labels.shape).astype(np.float32), mask)
+        if schema.has_oracle:
+            rows["oracle_order"].update_state(labels, parsed[S.ORACLE_SCORES], mask)
         lists += int(labels.shape[0])
+    return {name: {m.name: float(m.result()) for m in r.metrics} for name, r in rows.items()}, lists
+
+
+def evaluate_orders(data_dir: str, split: str = "test", k: int = 6, seed: int = 0, batch_size: int = 256) -> dict:
+    """The model-free rows: the retriever's order, a random order, and the oracle where known."""
+    metrics, lists = _table(data_dir, split, k, seed, batch_size)
+    return {"split": split, "k": k, "lists": lists, "metrics": metrics}
+
+
+def evaluate(
+    model_path: str, data_dir: str, split: str = "test", k: int = 6, seed: int = 0, batch_size: int = 256
+) -> dict:
+    """Metrics of the model, the retriever's order and a random order (and the oracle) on one split."""
+    score, description = _scorer(model_path)
+    metrics, lists = _table(data_dir, split, k, seed, batch_size, score)
     return {
         "model": description,
         "data_dir": os.path.abspath(data_dir),
         "split": split,
         "k": k,
         "lists": lists,
-        "metrics": {name: {m.name: float(m.result()) for m in r.metrics} for name, r in rows.items()},
+        "metrics": metrics,
     }
 
 

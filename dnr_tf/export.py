@@ -208,7 +208,12 @@ def load_trained(model_dir: str):
         S.HISTORY: np.zeros((1, schema.history_len), np.int64),
         S.USER_ID: np.ones((1,), np.int64),
     }
-    model = build_model(cfg, vocab, schema, dummy)
+    calibration = None
+    if os.path.exists(os.path.join(model_dir, "calibration.json")):
+        with open(os.path.join(model_dir, "calibration.json")) as f:
+            c = json.load(f)
+        calibration = [c["beta_given_z0"], c["beta_given_z1"]]
+    model = build_model(cfg, vocab, schema, dummy, calibration)
     model.load_weights(weights)
     return model, cfg, schema
 

@@ -52,16 +52,17 @@ class DNRModel(keras.Model):
     """Reranker + noise generator with the alternating updates of DNR in `train_step`.
 
     Call it on a features dict (see `dnr_tf.backbones.base`) for logits `[batch, list_size]`.
+    `calibration` ((a0, b0), (a1, b1)) is needed by the `calibrated` heuristic sampler only.
     `fit` takes `(features, labels)` pairs with labels `[batch, list_size]` (-1 on padding).
     """
 
-    def __init__(self, cfg: ExperimentConfig, item_vocab, list_size: int, **kwargs):
+    def __init__(self, cfg: ExperimentConfig, item_vocab, list_size: int, calibration=None, **kwargs):
         super().__init__(**kwargs)
         self.cfg = cfg
         dnr = cfg.dnr
         seed = cfg.train.seed
         self.reranker = build_backbone(cfg.model, item_vocab, list_size, seed=seed)
-        self.heuristic = HeuristicSampler(dnr.heuristic, dnr.lambda_c, dnr.beta_alpha, dnr.beta_beta)
+        self.heuristic = HeuristicSampler(dnr.heuristic, dnr.lambda_c, dnr.beta_alpha, dnr.beta_beta, calibration)
         self.generator = None
         self.generator_optimizer = None
         if dnr.enabled and dnr.model_based:

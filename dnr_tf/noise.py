@@ -22,24 +22,40 @@ def mix(z, eps, lambda_c: float):
     return (1.0 - lambda_c) * z + lambda_c * eps
 
 
+def fit_beta(mean: float, var: float) -> tuple[float, float]:
+    """Beta(a, b) with the given mean and variance (method of moments)."""
+    if not 0.0 < mean < 1.0 or not 0.0 < var < mean * (1.0 - mean):
+        raise ValueError(f"no Beta has mean {mean} and variance {var}")
+    common = mean * (1.0 - mean) / var - 1.0
+    return mean * common, (1.0 - mean) * common
+
+
 class HeuristicSampler:
     """A non-parametric sampler of x'.
 
     Args:
-        kind: `beta` or `gaussian`.
-        lambda_c: noise level in (0, 1).
-        alpha, beta: the Beta parameters.
-        seed: a `keras.random.SeedGenerator` (the model's), so that runs are reproducible.
+        kind: `beta`, `gaussian` or `calibrated`.
+        lambda_c: noise level in (0, 1) (beta and gaussian).
+        alpha, beta: the Beta parameters (beta).
+        calibration: ((a0, b0), (a1, b1)), the Beta of x given z = 0 and z = 1 (calibrated).
     """
 
-    def __init__(self, kind: str, lambda_c: float, alpha: float = 0.5, beta: float = 0.5):
-        if kind not in ("beta", "gaussian"):
+    def __init__(self, kind: str, lambda_c: float, alpha: float = 0.5, beta: float = 0.5, calibration=None):
+        if kind not in ("beta", "gaussian", "calibrated"):
             raise ValueError(f"unknown heuristic sampler {kind!r}")
+        if kind == "calibrated" and calibration is None:
+            raise ValueError("the calibrated sampler needs the Beta parameters of x given each label")
         self.kind, self.lambda_c, self.alpha, self.beta = kind, lambda_c, alpha, beta
+        self.calibration = calibration
 
     def __call__(self, z, seed):
-        """`[batch, list_size]` x' for labels z `[batch, list_size]` (float 0/1)."""
+        """`[batch, list_size]` x' for labels z `[batch, list_size]` (float 0/1), from `seed`."""
         shape = ops.shape(z)
+        if self.kind == "calibrated":
+            (a0, b0), (a1, b1) = self.calibration
+            x0 = keras.random.beta(shape, a0, b0, seed=seed)
+            x1 = keras.random.beta(shape, a1, b1, seed=seed)
+            return z * x1 + (1.0 - z) * x0
         if self.kind == "beta":
             eps = keras.random.beta(shape, self.alpha, self.beta, seed=seed)
             return mix(z, eps, self.lambda_c)

@@ -122,13 +122,34 @@ def load_run(model_dir: str):
     return config_io.from_dict(ExperimentConfig, data), read_vocab(model_dir), schema_lib.load_schema(model_dir)
 
 
-def build_model(cfg: ExperimentConfig, item_vocab, schema, example_features):
+def score_calibration(train_ds) -> list[list[float]]:
+    """[[a0, b0], [a1, b1]]: a Beta per label fitted by moments to the real x of the train split."""
+    import numpy as np
+
+    from dnr_tf.noise import fit_beta
+
+    sums = np.zeros((2, 3))  # per label: count, sum, sum of squares
+    for features, labels in train_ds:
+        x = features["retriever_scores"].numpy().astype(np.float64)
+        y = labels.numpy()
+        for z in (0, 1):
+            v = x[y == z]
+            sums[z] += (len(v), v.sum(), (v * v).sum())
+    params = []
+    for z in (0, 1):
+        n, s1, s2 = sums[z]
+        mean = s1 / n
+        params.append(list(fit_beta(mean, s2 / n - mean * mean)))
+    return params
+
+
+def build_model(cfg: ExperimentConfig, item_vocab, schema, example_features, calibration=None):
     import keras
 
     from dnr_tf.model import DNRModel
 
     keras.utils.set_random_seed(cfg.train.seed)
-    model = DNRModel(cfg, item_vocab, schema.list_size, name="dnr")
+    model = DNRModel(cfg, item_vocab, schema.list_size, calibration=calibration, name="dnr")
     if cfg.train.weight_decay > 0:
         optimizer = keras.optimizers.AdamW(cfg.train.learning_rate, weight_decay=cfg.train.weight_decay)
     else:
@@ -165,7 +186,11 @@ def train(cfg: ExperimentConfig, data_dir: str, model_dir: str, verbose: int | N
 
     train_ds, valid_ds, test_ds = datasets(data_dir, cfg, schema)
     example = next(iter(train_ds))[0]
-    model = build_model(cfg, item_vocab, schema, example)
+    calibration = score_calibration(train_ds) if cfg.dnr.heuristic == "calibrated" else None
+    if calibration is not None:
+        with open(os.path.join(model_dir, "calibration.json"), "w") as f:
+            json.dump({"beta_given_z0": calibration[0], "beta_given_z1": calibration[1]}, f)
+    model = build_model(cfg, item_vocab, schema, example, calibration)
     monitor = f"val_{cfg.train.monitor}"
     timer = cb.EpochTimer()
     best = cb.BestWeights(model_dir, monitor)
@@ -207,6 +232,7 @@ def train(cfg: ExperimentConfig, data_dir: str, model_dir: str, verbose: int | N
         "seconds_per_epoch": timer.seconds,
         "train_seconds": wall,
         "steps": steps,
+        "calibration": calibration,
         "history": {k: [float(v) for v in vals] for k, vals in history.history.items()},
     }
     with open(os.path.join(model_dir, "metrics.json"), "w") as f:

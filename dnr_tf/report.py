@@ -1,0 +1,332 @@
+"""The study's report: tables with mean +- std over seeds, significance tests, robustness, figures.
+
+Used by `python -m dnr_tf.experiments` at the end of a plan; also
+`python -m dnr_tf.report --out reports/ml100k [--results_md docs/results.md]` to rewrite it from
+`results.json` alone.
+
+Significance of a DNR row (dnr.enabled) against the best non-DNR trained row of the same table and
+data set, that row chosen by mean **validation** NDCG@6: a paired t-test over the seeds both rows
+share, and a paired bootstrap over the test lists (per-list NDCG@6 averaged over seeds, 2,000
+resamples, two-sided).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from collections import defaultdict
+
+import numpy as np
+
+METRICS = ("hit@6", "ndcg@6", "map@6", "f1@6", "auc")
+SWEEPS = {"fig3_lambda_c": "dnr.lambda_c", "fig3_lambda_m": "dnr.lambda_m", "fig3_lambda_e": "dnr.lambda_e"}
+TABLE_TITLES = {
+    "t1": "Table 1 analog: rerankers, without and with the score, and DNR",
+    "t2": "Table 2 analog: ways to feed the retriever score",
+    "t3": "Table 3 analog: DNR ablations",
+    "calibrated": "Beyond the paper: samplers whose x' is as informative as the real x",
+    "nopos": "Position embedding off: x is the reranker's only view of the retriever's order",
+}
+
+
+def group(results):
+    """(dataset, row) -> runs sorted by seed."""
+    out = defaultdict(list)
+    for r in results:
+        out[(r["dataset"], r["row"])].append(r)
+    return {k: sorted(v, key=lambda r: r["seed"]) for k, v in out.items()}
+
+
+def mean_std(values):
+    values = np.asarray(values, np.float64)
+    return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
+
+
+def paired_t(a: dict, b: dict) -> float:
+    """p of a paired t-test of test NDCG@6 over shared seeds (NaN with fewer than 2)."""
+    from scipy import stats
+
+    seeds = sorted(set(a) & set(b))
+    if len(seeds) < 2:
+        return float("nan")
+    x, y = [a[s] for s in seeds], [b[s] for s in seeds]
+    if np.allclose(np.subtract(x, y), 0):
+        return 1.0
+    return float(stats.ttest_rel(x, y).pvalue)
+
+
+def paired_bootstrap(a_runs, b_runs, n: int = 2000, seed: int = 0) -> float:
+    """Two-sided p of a paired bootstrap over test lists of the seed-averaged per-list NDCG@6."""
+    a = np.nanmean(np.array([r["per_list_test_ndcg"] for r in a_runs], dtype=float), axis=0)
+    b = np.nanmean(np.array([r["per_list_test_ndcg"] for r in b_runs], dtype=float), axis=0)
+    d = (a - b)[~np.isnan(a - b)]
+    if len(d) == 0:
+        return float("nan")
+    rng = np.random.default_rng(seed)
+    means = d[rng.integers(0, len(d), (n, len(d)))].mean(axis=1)
+    return float(min(1.0, 2 * min((means <= 0).mean(), (means >= 0).mean())))
+
+
+def is_dnr(run) -> bool:
+    return bool(run["config"]["dnr"]["enabled"])
+
+
+def _fmt(values) -> str:
+    m, s = mean_std(values)
+    return f"{m:.4f} ± {s:.4f}"
+
+
+def _p(p: float) -> str:
+    return "" if math.isnan(p) else (f"{p:.3f}" if p >= 0.001 else "<0.001")
+
+
+def table(groups, baselines, dataset: str, tag: str) -> tuple[list[str], list[dict]]:
+    """Markdown lines of one table, and its rows as data."""
+    rows = [(name, runs) for (ds, name), runs in groups.items() if ds == dataset and tag in runs[0]["tables"]]
+    if not rows:
+        return [], []
+    direct = [(n, r) for n, r in rows if not is_dnr(r[0])]
+    ref = max(direct, key=lambda nr: np.mean([x["valid"]["ndcg@6"] for x in nr[1]])) if direct else None
+    lines = [
+        "| model | seeds | "
+        + " | ".join(m.upper() for m in METRICS)
+        + " | valid NDCG@6 | p (t, seeds) | p (bootstrap, lists) |",
+        "|---" * (len(METRICS) + 5) + "|",
+    ]
+    base = baselines.get(dataset, {}).get("metrics", {})
+    for name in ("oracle_order", "retriever_order", "random_order"):
+        if name in base:
+            lines.append(
+                f"| {name.replace('_', ' ')} | | " + " | ".join(f"{base[name][m]:.4f}" for m in METRICS) + " | | | |"
+            )
+    data = []
+    for name, runs in rows:
+        by_seed = {r["seed"]: r["test"]["ndcg@6"] for r in runs}
+        p_t = p_b = float("nan")
+        if ref is not None and is_dnr(runs[0]):
+            p_t = paired_t(by_seed, {r["seed"]: r["test"]["ndcg@6"] for r in ref[1]})
+            p_b = paired_bootstrap(runs, ref[1])
+        label = f"**{name}**" if ref is not None and name == ref[0] else name
+        cells = [_fmt([r["test"][m] for r in runs]) for m in METRICS]
+        lines.append(
+            f"| {label} | {len(runs)} | "
+            + " | ".join(cells)
+            + f" | {_fmt([r['valid']['ndcg@6'] for r in runs])} | {_p(p_t)} | {_p(p_b)} |"
+        )
+        data.append(
+            {
+                "row": name,
+                "seeds": len(runs),
+                "dnr": is_dnr(runs[0]),
+                "test": {m: mean_std([r["test"][m] for r in runs]) for m in METRICS},
+                "valid_ndcg@6": mean_std([r["valid"]["ndcg@6"] for r in runs]),
+                "reference": ref[0] if ref else None,
+                "p_ttest": p_t,
+                "p_bootstrap": p_b,
+            }
+        )
+    if ref is not None:
+        lines.append(f"\nReference (best non-DNR row by validation NDCG@6, in bold): `{ref[0]}`.")
+    return lines, data
+
+
+def robustness_lines(groups, dataset: str) -> list[str]:
+    runs = [(name, rs) for (ds, name), rs in groups.items() if ds == dataset and rs[0].get("robustness")]
+    if not runs:
+        return []
+    kinds = [k for k in runs[0][1][0]["robustness"] if k != "clean"]
+    if not kinds:
+        return []
+    lines = [
+        "| model | clean NDCG@6 | " + " | ".join(f"drop, {k}" for k in kinds) + " |",
+        "|---" * (len(kinds) + 2) + "|",
+    ]
+    for name, rs in runs:
+        clean = [r["robustness"]["clean"]["ndcg@6"] for r in rs]
+        drops = [_fmt([r["robustness"]["clean"]["ndcg@6"] - r["robustness"][k]["ndcg@6"] for r in rs]) for k in kinds]
+        lines.append(f"| {name} | {_fmt(clean)} | " + " | ".join(drops) + " |")
+    return lines
+
+
+def oracle_gap_lines(groups, baselines, dataset: str) -> list[str]:
+    base = baselines.get(dataset, {}).get("metrics", {})
+    if "oracle_order" not in base:
+        return []
+    lo, hi = base["retriever_order"]["ndcg@6"], base["oracle_order"]["ndcg@6"]
+    lines = [
+        f"Retriever order NDCG@6 {lo:.4f}, oracle order {hi:.4f}.",
+        "",
+        "| model | test NDCG@6 | share of the retriever-to-oracle gap closed |",
+        "|---|---|---|",
+    ]
+    for (ds, name), rs in groups.items():
+        if ds == dataset:
+            v = [r["test"]["ndcg@6"] for r in rs]
+            lines.append(f"| {name} | {_fmt(v)} | {_fmt([(x - lo) / (hi - lo) for x in v])} |")
+    return lines
+
+
+def sweep_figure(groups, dataset: str, tag: str, path: str) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key = SWEEPS[tag]
+    points = []
+    for (ds, _), rs in groups.items():
+        if ds == dataset and tag in rs[0]["tables"]:
+            section, name = key.split(".")
+            points.append((rs[0]["config"][section][name], *mean_std([r["test"]["ndcg@6"] for r in rs])))
+    if len(points) < 2:
+        return False
+    points.sort()
+    x, m, s = (np.array(v) for v in zip(*points))
+    fig, ax = plt.subplots(figsize=(4, 3))
+    ax.errorbar(x, m, yerr=s, marker="o", capsize=3)
+    ax.set_xlabel(key.split(".")[1])
+    ax.set_ylabel("test NDCG@6")
+    ax.set_title(f"DNR sensitivity to {key.split('.')[1]} ({dataset})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def density_figure(results, datasets, path: str) -> bool:
+    """Figure 5 analog: densities of real x and of x' from each sampler, by label."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from keras import ops
+
+    from dnr_tf import schema as schema_lib
+    from dnr_tf.export import load_trained
+    from dnr_tf.noise import HeuristicSampler
+    from dnr_tf.train import datasets as make_datasets
+    from dnr_tf.train import score_calibration
+
+    candidates = [
+        r
+        for r in results
+        if r["dataset"] == "cascade" and r["config"]["dnr"]["enabled"] and r["config"]["dnr"]["model_based"]
+    ]
+    if not candidates:
+        return False
+    run = min(candidates, key=lambda r: (r["seed"], r["row"]))
+    data_dir = datasets["cascade"]["dir"]
+    model, cfg, _ = load_trained(run["_model_dir"])
+    train_ds, _, _ = make_datasets(data_dir, cfg, schema_lib.load_schema(data_dir))
+    calibration = score_calibration(train_ds)
+    lc = cfg.dnr.lambda_c
+    samplers = {
+        f"Gaussian (λc {lc})": HeuristicSampler("gaussian", lc),
+        f"Beta(0.5, 0.5) (λc {lc})": HeuristicSampler("beta", lc),
+        "calibrated": HeuristicSampler("calibrated", lc, calibration=calibration),
+    }
+    model.set_sampler_phase(True)
+    values = defaultdict(lambda: ([], []))
+    for features, labels in train_ds.take(10):
+        y = labels.numpy()
+        z = (y == 1).astype("float32")
+        draws = {
+            "real x": features["retriever_scores"].numpy(),
+            f"model-based ({run['row']}, seed {run['seed']})": np.asarray(
+                model.sample_x(features, ops.convert_to_tensor(z))
+            ),
+        }
+        for name, sampler in samplers.items():
+            draws[name] = np.asarray(sampler(ops.convert_to_tensor(z), model.noise_seed))
+        for name, x in draws.items():
+            values[name][0].extend(x[y == 0].tolist())
+            values[name][1].extend(x[y == 1].tolist())
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2), sharey=False)
+    bins = np.linspace(0, 1, 51)
+    for label, ax in enumerate(axes):
+        for name, (neg, pos) in values.items():
+            ax.hist(
+                pos if label else neg,
+                bins=bins,
+                density=True,
+                histtype="step",
+                label=name,
+                linewidth=1.5 if name == "real x" else 1,
+            )
+        ax.set_title(f"z = {label}")
+        ax.set_xlabel("score")
+    axes[0].set_ylabel("density")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def write_report(summary: dict, out: str, results_md: str | None = None) -> str:
+    """Writes the Markdown report (and its figures) to `results_md` or `<out>/results.md`."""
+    results = summary["runs"]
+    for r in results:
+        r["_model_dir"] = os.path.join(out, "runs", r["run"])
+    groups = group(results)
+    baselines = summary.get("baselines", {})
+    md_path = results_md or os.path.join(out, "results.md")
+    fig_dir = os.path.join(os.path.dirname(os.path.abspath(md_path)), "figures")
+    os.makedirs(fig_dir, exist_ok=True)
+    rel = os.path.relpath(fig_dir, os.path.dirname(os.path.abspath(md_path)))
+    datasets = sorted({r["dataset"] for r in results})
+    lines = [
+        f"# Study results: {summary['plan']}",
+        "",
+        "Generated by `python -m dnr_tf.report` from `results.json`; do not edit by hand.",
+        "",
+    ]
+    tables = {}
+    for ds in datasets:
+        lines += [f"## Data set `{ds}` ({summary['datasets'][ds]['dir']})", ""]
+        for tag, title in TABLE_TITLES.items():
+            tlines, tdata = table(groups, baselines, ds, tag)
+            if tlines:
+                lines += [f"### {title}", "", *tlines, ""]
+                tables[f"{ds}/{tag}"] = tdata
+        rob = robustness_lines(groups, ds)
+        if rob:
+            lines += ["### Robustness: NDCG@6 drop on test with perturbed retriever scores", "", *rob, ""]
+        gap = oracle_gap_lines(groups, baselines, ds)
+        if gap:
+            lines += ["### The oracle ceiling", "", *gap, ""]
+        for tag in SWEEPS:
+            name = f"{ds}_{tag}.png"
+            if sweep_figure(groups, ds, tag, os.path.join(fig_dir, name)):
+                lines += [f"![{tag}]({rel}/{name})", ""]
+    if "cascade" in datasets and density_figure(results, summary["datasets"], os.path.join(fig_dir, "fig5_scores.png")):
+        lines += [
+            "## Figure 5 analog: real scores and generated x' by label",
+            "",
+            f"![fig5]({rel}/fig5_scores.png)",
+            "",
+        ]
+    for r in results:
+        r.pop("_model_dir", None)
+    with open(md_path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(os.path.join(out, "tables.json"), "w") as f:
+        json.dump(tables, f, indent=2)
+    return md_path
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dnr_tf.report", description=__doc__.split("\n")[0])
+    parser.add_argument("--out", required=True, help="the study's output folder (holds results.json)")
+    parser.add_argument("--results_md", help="where the Markdown goes (default <out>/results.md)")
+    args = parser.parse_args(argv)
+    with open(os.path.join(args.out, "results.json")) as f:
+        summary = json.load(f)
+    print(write_report(summary, args.out, args.results_md))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,63 @@
+"""Retriever drift at test time: the test lists with perturbed retriever scores.
+
+Perturbations (applied to unpadded candidates only; the list order stays as stored):
+- `gauss_<sigma>`: x + N(0, sigma^2), clipped to [0, 1];
+- `square`, `sqrt`: a calibration shift, x^2 or sqrt(x);
+- `shuffle`: the scores permuted within each list (the score carries no information left).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from dnr_tf import schema as S
+
+PERTURBATIONS = ("gauss_0.05", "gauss_0.1", "gauss_0.2", "square", "sqrt", "shuffle")
+
+
+def perturb(scores: np.ndarray, mask: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray:
+    """Perturbed copy of `scores` `[batch, list_size]`; padding (mask False) keeps its value."""
+    x = scores.astype(np.float32).copy()
+    if kind == "clean":
+        return x
+    if kind.startswith("gauss_"):
+        sigma = float(kind.split("_", 1)[1])
+        y = np.clip(x + rng.normal(0.0, sigma, x.shape), 0.0, 1.0)
+    elif kind == "square":
+        y = x * x
+    elif kind == "sqrt":
+        y = np.sqrt(x)
+    elif kind == "shuffle":
+        y = x.copy()
+        for b in range(len(x)):
+            idx = np.flatnonzero(mask[b])
+            y[b, idx] = x[b, rng.permutation(idx)]
+    else:
+        raise ValueError(f"unknown perturbation {kind!r}; known: clean, {', '.join(PERTURBATIONS)}")
+    return np.where(mask, y, x).astype(np.float32)
+
+
+def evaluate_perturbed(model, dataset, kinds, k: int = 6, seed: int = 0) -> dict:
+    """NDCG@k and every metric of `model` on `dataset` (features, labels) under each perturbation.
+
+    Returns:
+        kind -> metric name -> mean over lists; plus `per_list_ndcg` of the clean run (for paired
+        bootstrap tests over lists).
+    """
+    from dnr_tf.metrics import RankingMetrics, per_list_metrics
+
+    out, per_list = {}, []
+    for kind in ("clean", *kinds):
+        rng = np.random.default_rng(seed)
+        ranking = RankingMetrics(k)
+        for features, labels in dataset:
+            mask = labels.numpy() >= 0
+            x = perturb(features[S.RETRIEVER_SCORES].numpy(), mask, kind, rng)
+            logits = model({**features, S.RETRIEVER_SCORES: x}, training=False)
+            ranking.update_state(labels, logits, mask)
+            if kind == "clean":
+                values, valid = per_list_metrics(labels, logits, mask, k)["ndcg"]
+                per_list.extend(np.where(np.asarray(valid) > 0, np.asarray(values), np.nan).tolist())
+        out[kind] = {m.name: float(m.result()) for m in ranking.metrics}
+    out["per_list_ndcg"] = per_list
+    return out
