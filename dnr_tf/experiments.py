@@ -69,6 +69,7 @@ class Plan:
 
 def load_plan(path: str, data_dir: str | None = None) -> Plan:
     raw = config_io.load_yaml(path)
+    raw.pop("path", None)
     datasets = {
         name: config_io.from_dict(Dataset, d, prefix=f"datasets.{name}.") for name, d in raw.get("datasets", {}).items()
     }
@@ -171,7 +172,7 @@ def baselines(plan: Plan, out: str) -> dict:
     return done
 
 
-def run_plan(plan: Plan, out: str, progress=print, shard: tuple[int, int] = (0, 1)) -> dict | None:
+def run_plan(plan: Plan, out: str, progress=print, shard: tuple[int, int] = (0, 1), plan_path: str = "") -> dict | None:
     """Runs every missing run of the plan, then writes `<out>/results.json` and returns it.
 
     With `shard` (i, n), only runs i, i + n, i + 2n, ... are trained and None is returned: several
@@ -202,6 +203,7 @@ def run_plan(plan: Plan, out: str, progress=print, shard: tuple[int, int] = (0, 
         return None
     summary = {
         "plan": plan.name,
+        "plan_path": plan_path,
         "datasets": {k: dataclasses.asdict(v) for k, v in plan.datasets.items()},
         "baselines": baselines(plan, out),
         "runs": results,
@@ -224,7 +226,7 @@ def main(argv=None) -> int:
     try:
         index, count = (int(v) for v in args.shard.split("/"))
         plan = load_plan(args.plan, args.data_dir)
-        summary = run_plan(plan, args.out, shard=(index, count))
+        summary = run_plan(plan, args.out, shard=(index, count), plan_path=args.plan)
     except (config_io.ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
