@@ -75,6 +75,12 @@ class DNRConfig:
         generator_embedding_dim: the generator's own item embedding size.
         generator_noise_dim: size of the fresh Gaussian input that makes it a sampler.
         generator_learning_rate: Adam learning rate of the generator.
+        generator_update: `alternating` (algorithm 1 as written: the reranker's update, then the
+            generator's gradient through the updated reranker on a fresh x') or `simultaneous`
+            (both gradients from one forward and backward pass at the same reranker weights and
+            the same x': the generator's gradient reaches it through a gradient-reversal of
+            -1/lambda_m; about the cost of the heuristic step; needs lambda_m > 0). See
+            docs/performance.md for its cost and its metrics.
     """
 
     enabled: bool = True
@@ -93,6 +99,7 @@ class DNRConfig:
     generator_embedding_dim: int = 16
     generator_noise_dim: int = 8
     generator_learning_rate: float = 1e-3
+    generator_update: Literal["alternating", "simultaneous"] = "alternating"
 
     def validate(self) -> None:
         check(0.0 < self.lambda_c < 1.0, "dnr.lambda_c", "must be in (0, 1)")
@@ -101,6 +108,11 @@ class DNRConfig:
         check(self.beta_alpha > 0 and self.beta_beta > 0, "dnr.beta_alpha", "and dnr.beta_beta must be positive")
         check(self.generator_steps >= 1, "dnr.generator_steps", "must be >= 1")
         check(self.weight_x >= 0.0, "dnr.weight_x", "must be >= 0")
+        check(
+            self.generator_update == "alternating" or self.lambda_m > 0,
+            "dnr.generator_update",
+            "simultaneous needs dnr.lambda_m > 0 (the generator's gradient is reversed through L_z)",
+        )
 
     @property
     def trains_generator(self) -> bool:
@@ -121,6 +133,8 @@ class TrainConfig:
         monitor: validation metric that picks the best epoch.
         shuffle_buffer: lists in the shuffle buffer.
         steps_per_epoch: cap on steps an epoch (None: the whole split).
+        fused_step: one reranker call on the real and the generated lists stacked along the batch
+            (same losses and gradients as two calls; faster). Off: two calls, the reference.
     """
 
     epochs: int = 10
@@ -132,6 +146,7 @@ class TrainConfig:
     monitor: str = "ndcg@6"
     shuffle_buffer: int = 10_000
     steps_per_epoch: int | None = None
+    fused_step: bool = True
 
     def validate(self) -> None:
         check(self.epochs >= 1, "train.epochs", "must be >= 1")

@@ -13,6 +13,9 @@ Per batch (paper algorithm 1):
    Eq. 8 as printed, L_x' = -E[log(x / x')], is unbounded below in x' (it drives x' to 0), so it
    cannot keep x' near x as the text intends; the squared log-ratio is the bounded instance-level
    alignment with the same log-ratio, and it is 0 exactly when x' = x.
+Cost (docs/performance.md): the real and the generated lists go through the reranker in one call,
+stacked along the batch (`train.fused_step`); with `dnr.generator_update: simultaneous` the
+generator's gradient comes from that same forward and backward pass (`compute_step`).
 With `dnr.enabled` off the model is a plain reranker trained on L_direct (PRM and its c/+/w score
 feeds train through the same code).
 """
@@ -39,6 +42,17 @@ def masked_bce(z, logits, mask):
     safe_logits = ops.where(mask, logits, 0.0)
     bce = ops.binary_crossentropy(z, safe_logits, from_logits=True)
     return ops.sum(bce * maskf) / ops.maximum(ops.sum(maskf), 1.0)
+
+
+def targets(labels):
+    """(mask, z) of labels `[batch, list_size]` (-1 on padding): real candidates, float 0/1 feedback."""
+    return ops.greater_equal(labels, 0), ops.cast(ops.equal(labels, 1), "float32")
+
+
+def reverse_gradient(x, scale: float):
+    """x in the forward pass; its gradient multiplied by `scale` in the backward pass."""
+    x_fixed = ops.stop_gradient(x)
+    return x_fixed + scale * (x - x_fixed)
 
 
 def x_regulariser(x, x_fake, mask):
@@ -136,18 +150,30 @@ class DNRModel(keras.Model):
 
     # --- steps -----------------------------------------------------------------------------------
 
+    def _reranker_pair(self, features, x_fake, training):
+        """Logits on the real x and on x'.
+
+        Fused (`train.fused_step`): one reranker call on the real and the generated lists stacked
+        along the batch, so every layer runs one larger matrix product instead of two; the
+        backbones are per-list, so the logits are the same as from two calls.
+        """
+        fake = {**features, S.RETRIEVER_SCORES: x_fake}
+        if not self.cfg.train.fused_step:
+            return self.reranker(features, training=training), self.reranker(fake, training=training)
+        n = ops.shape(x_fake)[0]
+        stacked = {key: ops.concatenate([features[key], fake[key]], axis=0) for key in features}
+        logits = self.reranker(stacked, training=training)
+        return logits[:n], logits[n:]
+
     def _reranker_losses(self, features, labels, training):
-        """L_direct, L_z and the reranker's logits on the real x."""
-        mask = ops.greater_equal(labels, 0)
-        z = ops.cast(ops.equal(labels, 1), "float32")
-        logits = self.reranker(features, training=training)
-        l_direct = masked_bce(z, logits, mask)
-        l_z = ops.zeros(())
-        if self.cfg.dnr.enabled:
-            x_fake = ops.stop_gradient(self.sample_x(features, z))
-            fake_logits = self.reranker({**features, S.RETRIEVER_SCORES: x_fake}, training=training)
-            l_z = masked_bce(z, fake_logits, mask)
-        return l_direct, l_z, logits, mask, z
+        """L_direct, L_z and the reranker's logits on the real x (x' from the active sampler)."""
+        mask, z = targets(labels)
+        if not self.cfg.dnr.enabled:
+            logits = self.reranker(features, training=training)
+            return masked_bce(z, logits, mask), ops.zeros(()), logits, mask, z
+        x_fake = ops.stop_gradient(self.sample_x(features, z))
+        logits, fake_logits = self._reranker_pair(features, x_fake, training)
+        return masked_bce(z, logits, mask), masked_bce(z, fake_logits, mask), logits, mask, z
 
     def _generator_losses(self, features, z, mask):
         x_fake = self.generator(features, z, seed=self.noise_seed, training=True)
@@ -158,23 +184,65 @@ class DNRModel(keras.Model):
         loss = (l_adv if dnr.use_adv else 0.0) + (dnr.weight_x * l_x if dnr.use_x_reg else 0.0)
         return loss, l_adv, l_x
 
+    @property
+    def _simultaneous(self) -> bool:
+        dnr = self.cfg.dnr
+        return self._model_phase and dnr.trains_generator and dnr.generator_update == "simultaneous"
+
+    def compute_step(self, features, labels):
+        """The first update of a train step: its losses and gradients, nothing applied.
+
+        Returns `(losses, reranker_grads, generator_grads)`: losses a dict of `LOSS_TERMS` (and
+        `logits`, `mask`, `z`); generator_grads is None unless the generator update is
+        simultaneous, in which case both gradients come from one tape:
+            objective = L_direct + lambda_m L_z(x'_r) + weight_x L_x'(x')
+        where x'_r is x' with its gradient scaled by -1/lambda_m (a gradient reversal), so the
+        reranker's gradient is that of L_theta and the generator's that of L_adv + weight_x L_x'
+        (eq. 7-8), both at the current reranker weights and the same x'.
+        """
+        dnr = self.cfg.dnr
+        simultaneous = self._simultaneous
+        l_adv = l_x = ops.zeros(())
+        with tf.GradientTape() as tape:
+            if simultaneous:
+                mask, z = targets(labels)
+                x_gen = self.generator(features, z, seed=self.noise_seed, training=True)
+                x_fake = reverse_gradient(x_gen, -1.0 / dnr.lambda_m if dnr.use_adv else 0.0)
+                logits, fake_logits = self._reranker_pair(features, x_fake, training=True)
+                l_direct, l_z = masked_bce(z, logits, mask), masked_bce(z, fake_logits, mask)
+                l_adv = -l_z
+                l_x = x_regulariser(features[S.RETRIEVER_SCORES], x_gen, mask)
+            else:
+                l_direct, l_z, logits, mask, z = self._reranker_losses(features, labels, training=True)
+            loss = l_direct + dnr.lambda_m * l_z if dnr.enabled else l_direct
+            objective = loss + dnr.weight_x * l_x if simultaneous and dnr.use_x_reg else loss
+        variables = self.reranker.trainable_variables
+        gen_vars = self.generator.trainable_variables if simultaneous else []
+        grads = tape.gradient(objective, variables + gen_vars)
+        losses = {"loss": loss, "l_direct": l_direct, "l_z": l_z, "l_adv": l_adv, "l_x": l_x}
+        losses.update(logits=logits, mask=mask, z=z)
+        return losses, grads[: len(variables)], (grads[len(variables) :] if simultaneous else None)
+
     def train_step(self, data):
         features, labels, _ = keras.utils.unpack_x_y_sample_weight(data)
         dnr = self.cfg.dnr
-        with tf.GradientTape() as tape:
-            l_direct, l_z, logits, mask, z = self._reranker_losses(features, labels, training=True)
-            loss = l_direct + dnr.lambda_m * l_z if dnr.enabled else l_direct
-        variables = self.reranker.trainable_variables
-        self.optimizer.apply(tape.gradient(loss, variables), variables)
-
-        l_adv = l_x = ops.zeros(())
-        if self._model_phase and dnr.trains_generator:
-            gen_vars = self.generator.trainable_variables
-            for _ in range(dnr.generator_steps):
-                with tf.GradientTape() as gtape:
-                    gen_loss, l_adv, l_x = self._generator_losses(features, z, mask)
-                self.generator_optimizer.apply(gtape.gradient(gen_loss, gen_vars), gen_vars)
-        return self._update_metrics(loss, l_direct, l_z, l_adv, l_x, labels, logits, mask)
+        losses, grads, gen_grads = self.compute_step(features, labels)
+        self.optimizer.apply(grads, self.reranker.trainable_variables)
+        l_adv, l_x = losses["l_adv"], losses["l_x"]
+        extra_generator_steps = 0
+        if gen_grads is not None:
+            self.generator_optimizer.apply(gen_grads, self.generator.trainable_variables)
+            extra_generator_steps = dnr.generator_steps - 1
+        elif self._model_phase and dnr.trains_generator:
+            extra_generator_steps = dnr.generator_steps
+        gen_vars = self.generator.trainable_variables if extra_generator_steps else []
+        for _ in range(extra_generator_steps):
+            with tf.GradientTape() as gtape:
+                gen_loss, l_adv, l_x = self._generator_losses(features, losses["z"], losses["mask"])
+            self.generator_optimizer.apply(gtape.gradient(gen_loss, gen_vars), gen_vars)
+        return self._update_metrics(
+            losses["loss"], losses["l_direct"], losses["l_z"], l_adv, l_x, labels, losses["logits"], losses["mask"]
+        )
 
     def test_step(self, data):
         features, labels, _ = keras.utils.unpack_x_y_sample_weight(data)

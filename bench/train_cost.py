@@ -1,0 +1,162 @@
+"""Training cost of DNR against direct training, on the same batches, in one process, as JSON.
+
+    python -m bench.train_cost --data_dir data/ml100k --output bench/results/train_cost.json [--quick]
+
+`data/ml100k` is what `make ml100k` writes. Cases (the reranker of `configs/ml100k_prm_concat.yaml`
+in all of them):
+    direct                     PRM with the score concatenated, L_direct only;
+    heuristic/reference        DNR with the Beta sampler, two reranker calls a step;
+    heuristic/fused            the same, one call on the real and generated lists stacked;
+    model_based/reference      DNR in its model-based phase, two reranker calls, then the
+                               generator's step through a third;
+    model_based/fused          the reranker's two calls fused, the generator's step as before;
+    model_based/simultaneous   one forward and backward for both updates (`generator_update`).
+
+Every case has its own model and Keras train function; rounds of `--steps` steps run each case in
+turn (the order rotates a round), the first round is warm-up (tracing) and is dropped, and the
+median seconds a step over the other rounds is reported with its ratio to `direct`. The batches are
+the first `--batches` batches of the train split, cached in memory and repeated, so every case
+sees the same data and input reading is not measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+
+DIRECT = "configs/ml100k_prm_concat.yaml"
+DNR = "configs/ml100k_dnr_b.yaml"
+# name: (config, overrides, model-based phase)
+CASES = {
+    "direct": (DIRECT, [], False),
+    "heuristic/reference": (DNR, ["dnr.model_based=false", "train.fused_step=false"], False),
+    "heuristic/fused": (DNR, ["dnr.model_based=false"], False),
+    "model_based/reference": (DNR, ["train.fused_step=false"], True),
+    "model_based/fused": (DNR, [], True),
+    "model_based/simultaneous": (DNR, ["dnr.generator_update=simultaneous"], True),
+}
+
+
+def _config(path: str, overrides: list[str]):
+    from dnr_tf import config_io
+    from dnr_tf.config import ExperimentConfig
+
+    return config_io.from_dict(ExperimentConfig, config_io.apply_overrides(config_io.load_yaml(path), overrides))
+
+
+def machine() -> dict:
+    import tensorflow as tf
+
+    cpu = platform.processor()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    return {
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cpus": os.cpu_count(),
+        "tensorflow": tf.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def build_cases(data_dir: str, names: list[str], n_batches: int):
+    from dnr_tf import schema as schema_lib
+    from dnr_tf.train import build_model, datasets, read_vocab
+
+    schema = schema_lib.load_schema(data_dir)
+    vocab = read_vocab(data_dir)
+    cases = {}
+    for name in names:
+        path, overrides, model_based = CASES[name]
+        cfg = _config(path, overrides)
+        train_ds = datasets(data_dir, cfg, schema)[0].take(n_batches).cache().repeat()
+        example = next(iter(train_ds))[0]
+        model = build_model(cfg, vocab, schema, example)
+        model.set_sampler_phase(model_based)
+        model.make_train_function()
+        cases[name] = {"model": model, "iterator": iter(train_ds), "batch_size": cfg.train.batch_size}
+    return cases
+
+
+def time_steps(case: dict, steps: int) -> list[float]:
+    model, iterator = case["model"], case["iterator"]
+    out = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        logs = model.train_function(iterator)
+        float(logs["loss"])  # the step has finished
+        out.append(time.perf_counter() - start)
+    return out
+
+
+def run(data_dir: str, names: list[str], rounds: int, steps: int, n_batches: int) -> dict:
+    cases = build_cases(data_dir, names, n_batches)
+    keys = list(cases)
+    times = {key: [] for key in keys}
+    for r in range(rounds + 1):
+        order = keys[r % len(keys) :] + keys[: r % len(keys)]
+        for key in order:
+            t = time_steps(cases[key], steps)
+            if r > 0:  # round 0 traces and warms up
+                times[key].extend(t)
+        print(f"round {r}/{rounds} done" + (" (warm-up, dropped)" if r == 0 else ""), flush=True)
+    base = float(np.median(times["direct"]))
+    result = {
+        "machine": machine(),
+        "data_dir": os.path.abspath(data_dir),
+        "batch_size": cases["direct"]["batch_size"],
+        "rounds": rounds,
+        "steps_per_round": steps,
+        "cases": {},
+    }
+    for key in keys:
+        t = np.array(times[key])
+        result["cases"][key] = {
+            "median_s_per_step": float(np.median(t)),
+            "p10_s": float(np.percentile(t, 10)),
+            "p90_s": float(np.percentile(t, 90)),
+            "steps_timed": int(t.size),
+            "ratio_to_direct": float(np.median(t)) / base,
+        }
+    return result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.train_cost", description=__doc__.split("\n")[0])
+    parser.add_argument("--data_dir", default="data/ml100k", help="pipeline output (make ml100k)")
+    parser.add_argument("--output", default="bench/results/train_cost.json")
+    parser.add_argument("--cases", default=",".join(CASES), help="comma-separated subset of: " + ", ".join(CASES))
+    parser.add_argument("--rounds", type=int, default=6, help="timed rounds (after one warm-up round)")
+    parser.add_argument("--steps", type=int, default=20, help="steps per case a round")
+    parser.add_argument("--batches", type=int, default=20, help="distinct batches, repeated")
+    parser.add_argument("--quick", action="store_true", help="a run under a minute (2 rounds of 5 steps)")
+    args = parser.parse_args(argv)
+    if not os.path.exists(os.path.join(args.data_dir, "schema.json")):
+        parser.error(f"{args.data_dir}/schema.json not found: build the data first (make ml100k)")
+    names = [n.strip() for n in args.cases.split(",") if n.strip()]
+    unknown = [n for n in names if n not in CASES]
+    if unknown or "direct" not in names:
+        parser.error(f"--cases: unknown {unknown}" if unknown else "--cases must include direct (the baseline)")
+    rounds, steps = (2, 5) if args.quick else (args.rounds, args.steps)
+    result = run(args.data_dir, names, rounds, steps, args.batches)
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    with open(args.output, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"median seconds a training step, batch {result['batch_size']}, {result['machine']['cpu']}:")
+    for key, row in result["cases"].items():
+        print(f"  {key:30s} {1e3 * row['median_s_per_step']:8.1f} ms   x{row['ratio_to_direct']:.2f}")
+    print(f"written to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
