@@ -1,12 +1,19 @@
 """Serving benchmark through the loaded SavedModel (what TF Serving runs), written as JSON.
 
     python -m bench.serving --model saved_models/ml100k_dnr_b/1 --data_dir data/ml100k \
-        --output bench/results/serving.json [--quick]
+        [--run_dir runs/ml100k_dnr_b] --output bench/results/serving.json [--quick]
 
 Measures `predict_lists` (dense tensors) in-process: the latency of one request of 50 candidates
 (p50, p99 over `--calls` calls, after warm-up) and the throughput in lists per second at several
 batch sizes, and the same of `serving_default` (serialized tf.Examples, parsing included).
 It imports nothing of dnr_tf for the measured path: the SavedModel alone is timed.
+
+FLOPs of one list are counted from the SavedModel's weights (`flops_per_list`): 2 x the size of
+every dense and attention kernel per candidate (the user-state layer once per request), plus the
+attention's scores and weighted sum (2 x 2 x list size x width per candidate and block); lookups,
+norms and activations are left out (they are a few per cent). With `--run_dir`, the same serving
+function is also timed in memory (the trained model rebuilt by dnr_tf, not exported), in rounds
+alternating with the export, to check that the export is not slower.
 """
 
 from __future__ import annotations
@@ -46,6 +53,35 @@ def _dense(records: list[bytes]) -> dict:
     }
 
 
+def flops_per_list(loaded, list_size: int) -> dict:
+    """Multiply-add FLOPs (x2) of one list of `list_size` candidates, from the exported weights."""
+    per_candidate = per_request = 0
+    attention_blocks = 0
+    width = 0
+    for v in loaded.variables:
+        name, shape = v.name, [int(d) for d in v.shape]
+        if not name.endswith("kernel:0"):
+            continue  # embeddings (lookups), biases, norms
+        size = 2 * int(np.prod(shape))
+        if "user_state" in name:
+            per_request += size
+            continue
+        per_candidate += size
+        if len(shape) == 3 and shape[0] > shape[1]:  # [width, heads, head_dim]: query, key or value
+            attention_blocks += 1
+            width = shape[1] * shape[2]
+    blocks = attention_blocks // 3
+    # QK^T and the weighted sum of values: 2 x list_size x width each, per candidate and block.
+    per_candidate += blocks * 2 * 2 * list_size * width
+    return {
+        "list_size": list_size,
+        "per_candidate": per_candidate,
+        "per_request": per_request,
+        "per_list": per_candidate * list_size + per_request,
+        "attention_blocks": blocks,
+    }
+
+
 def _latencies(fn, calls: int, warmup: int) -> np.ndarray:
     for _ in range(warmup):
         fn()
@@ -57,7 +93,40 @@ def _latencies(fn, calls: int, warmup: int) -> np.ndarray:
     return out
 
 
-def run(model: str, data_dir: str, calls: int, batches: list[int], seconds: float) -> dict:
+def _rate(call, batch: int, seconds: float) -> float:
+    for _ in range(5):
+        call()
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        call()
+        n += 1
+    return batch * n / (time.perf_counter() - start)
+
+
+def export_vs_memory(dense_fn, run_dir: str, records: list[bytes], batches: list[int], seconds: float) -> dict:
+    """The exported `predict_lists` against the same function around the trained model in memory.
+
+    The two alternate in rounds (5 rounds of `seconds / 5` per batch size), so that a slower spell
+    of the machine hits both; medians of the rounds are reported.
+    """
+    from dnr_tf.export import load_trained, serving_fns
+
+    model, cfg, schema = load_trained(run_dir)
+    memory_fn, _ = serving_fns(model.reranker, schema.list_size, cfg.train.k)
+    out = {}
+    for batch in batches:
+        dense = _dense(records[:batch])
+        rates = {"export": [], "in_memory": []}
+        for _ in range(5):
+            for name, fn in (("export", dense_fn), ("in_memory", memory_fn)):
+                rates[name].append(_rate(lambda fn=fn, dense=dense: fn(**dense), batch, seconds / 5))
+        row = {name: float(np.median(r)) for name, r in rates.items()}
+        row["export_over_in_memory"] = row["export"] / row["in_memory"]
+        out[str(batch)] = row
+    return out
+
+
+def run(model: str, data_dir: str, calls: int, batches: list[int], seconds: float, run_dir: str | None = None) -> dict:
     loaded = tf.saved_model.load(model)
     dense_fn = loaded.signatures["predict_lists"]
     examples_fn = loaded.signatures["serving_default"]
@@ -93,14 +162,14 @@ def run(model: str, data_dir: str, calls: int, batches: list[int], seconds: floa
             ("predict_lists", lambda dense=dense: dense_fn(**dense)),
             ("serving_default", lambda ex=ex: examples_fn(examples=ex)),
         ):
-            for _ in range(5):
-                call()
-            n, start = 0, time.perf_counter()
-            while time.perf_counter() - start < seconds:
-                call()
-                n += 1
-            row[name] = batch * n / (time.perf_counter() - start)
+            row[name] = _rate(call, batch, seconds)
         result["throughput_lists_per_s"][str(batch)] = row
+    flops = flops_per_list(loaded, int(one["item_ids"].shape[1]))
+    best = max(row["predict_lists"] for row in result["throughput_lists_per_s"].values())
+    flops["achieved_gflops_at_best_batch"] = best * flops["per_list"] / 1e9
+    result["flops"] = flops
+    if run_dir:
+        result["export_vs_in_memory_lists_per_s"] = export_vs_memory(dense_fn, run_dir, records, batches, seconds)
     return result
 
 
@@ -108,11 +177,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.serving", description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, help="saved_models/<name>/<version>")
     parser.add_argument("--data_dir", required=True, help="pipeline output whose test records are the requests")
+    parser.add_argument("--run_dir", help="the run the export came from: also time the model in memory")
     parser.add_argument("--output", default="bench/results/serving.json")
     parser.add_argument("--quick", action="store_true", help="a run under a minute")
     args = parser.parse_args(argv)
     calls, seconds = (300, 1.0) if args.quick else (2000, 5.0)
-    result = run(args.model, args.data_dir, calls, [1, 16, 64, 256], seconds)
+    result = run(args.model, args.data_dir, calls, [1, 16, 64, 256], seconds, args.run_dir)
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with open(args.output, "w") as f:
         json.dump(result, f, indent=2)
@@ -124,6 +194,18 @@ def main(argv=None) -> int:
     for batch, row in result["throughput_lists_per_s"].items():
         dense_rate, examples_rate = row["predict_lists"], row["serving_default"]
         print(f"  batch {batch:>4s}: predict_lists {dense_rate:9.0f}   serving_default {examples_rate:9.0f}")
+    f = result["flops"]
+    print(
+        f"FLOPs of one list of {f['list_size']}: {f['per_list'] / 1e6:.2f} M "
+        f"({f['achieved_gflops_at_best_batch']:.1f} GFLOP/s achieved at the best batch)"
+    )
+    if "export_vs_in_memory_lists_per_s" in result:
+        print("export against the same function in memory (lists/s, alternating rounds):")
+        for batch, row in result["export_vs_in_memory_lists_per_s"].items():
+            print(
+                f"  batch {batch:>4s}: export {row['export']:9.0f}   in memory {row['in_memory']:9.0f}"
+                f"   ratio {row['export_over_in_memory']:.3f}"
+            )
     print(f"written to {args.output}")
     return 0
 

@@ -3,14 +3,17 @@
     python -m bench.train_cost --data_dir data/ml100k --output bench/results/train_cost.json [--quick]
 
 `data/ml100k` is what `make ml100k` writes. Cases (the reranker of `configs/ml100k_prm_concat.yaml`
-in all of them):
-    direct                     PRM with the score concatenated, L_direct only;
-    heuristic/reference        DNR with the Beta sampler, two reranker calls a step;
-    heuristic/fused            the same, one call on the real and generated lists stacked;
-    model_based/reference      DNR in its model-based phase, two reranker calls, then the
-                               generator's step through a third;
-    model_based/fused          the reranker's two calls fused, the generator's step as before;
-    model_based/simultaneous   one forward and backward for both updates (`generator_update`).
+in all of them; DNR is `configs/ml100k_dnr_b.yaml`):
+    direct                          PRM with the score concatenated, L_direct only;
+    heuristic                       DNR with the Beta sampler: two reranker calls a step (x and x');
+    heuristic/fused                 the same, one call on the real and generated lists stacked
+                                    (`train.fused_step`);
+    model_based                     DNR in its model-based phase (algorithm 1 as written): the
+                                    reranker's step, then the generator's step through a third call;
+    model_based/fused               the reranker's two calls fused, the generator's step as before;
+    model_based/simultaneous        one forward and backward for both updates
+                                    (`dnr.generator_update: simultaneous`);
+    model_based/simultaneous+fused  both options.
 
 Every case has its own model and Keras train function; rounds of `--steps` steps run each case in
 turn (the order rotates a round), the first round is warm-up (tracing) and is dropped, and the
@@ -36,11 +39,12 @@ DNR = "configs/ml100k_dnr_b.yaml"
 # name: (config, overrides, model-based phase)
 CASES = {
     "direct": (DIRECT, [], False),
-    "heuristic/reference": (DNR, ["dnr.model_based=false", "train.fused_step=false"], False),
-    "heuristic/fused": (DNR, ["dnr.model_based=false"], False),
-    "model_based/reference": (DNR, ["train.fused_step=false"], True),
-    "model_based/fused": (DNR, [], True),
+    "heuristic": (DNR, ["dnr.model_based=false"], False),
+    "heuristic/fused": (DNR, ["dnr.model_based=false", "train.fused_step=true"], False),
+    "model_based": (DNR, [], True),
+    "model_based/fused": (DNR, ["train.fused_step=true"], True),
     "model_based/simultaneous": (DNR, ["dnr.generator_update=simultaneous"], True),
+    "model_based/simultaneous+fused": (DNR, ["dnr.generator_update=simultaneous", "train.fused_step=true"], True),
 }
 
 

@@ -22,6 +22,11 @@ class RetrieverConfig:
         learning_rate: Adam learning rate.
         l2: L2 penalty on the embeddings of a batch.
         holdout_fraction: share of window interactions held out (by a stable hash) for the AUC.
+        window_shards: files each split of the window is written to by stage 1; each is sorted
+            by one worker, which so holds 1 / window_shards of the window at most.
+        shuffle_buffer: pairs in a shuffle block while the retriever streams its window (16 bytes
+            a pair): the driver holds one block, never the whole window; a window that fits in
+            one block is shuffled whole every epoch.
     """
 
     dim: int = 32
@@ -31,9 +36,13 @@ class RetrieverConfig:
     learning_rate: float = 0.005
     l2: float = 1e-5
     holdout_fraction: float = 0.1
+    window_shards: int = 16
+    shuffle_buffer: int = 200_000
 
     def validate(self) -> None:
         check(self.dim > 0, "retriever.dim", "must be positive")
+        check(self.window_shards >= 1, "retriever.window_shards", "must be >= 1")
+        check(self.shuffle_buffer >= 1, "retriever.shuffle_buffer", "must be >= 1")
         check(self.epochs > 0, "retriever.epochs", "must be positive")
         check(self.negatives > 0, "retriever.negatives", "must be positive")
         check(0.0 < self.holdout_fraction < 0.5, "retriever.holdout_fraction", "must be in (0, 0.5)")

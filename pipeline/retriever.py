@@ -1,8 +1,10 @@
 """The retriever stage: matrix factorisation with random negatives (paper appendix D.1).
 
 Trained between the two Beam stages, in the driver, on the retriever window that the first stage
-wrote (held in memory as `[n, 2]` int64 pairs: 16 bytes an interaction). The tables it saves under
-`<output_dir>/retriever/` are the side input of candidate generation.
+wrote as `window_shards` gzip TSV files. The window is streamed from those files in blocks of
+`shuffle_buffer` pairs, each shuffled whole: the driver holds one block and the embedding tables,
+never more of the window (a window smaller than a block is read once and kept). The tables it
+saves under `<output_dir>/retriever/` are the side input of candidate generation.
 """
 
 from __future__ import annotations
@@ -22,26 +24,44 @@ log = logging.getLogger(__name__)
 TABLES = "mf.npz"
 
 
-def load_pairs(pattern: str, users: np.ndarray, items: np.ndarray) -> np.ndarray:
-    """`[n, 2]` (user row, item row) pairs from gzip TSV files, sorted.
-
-    Sorting makes training independent of the order in which Beam workers wrote the lines, so
-    the same seed gives the same retriever on every runner and worker count.
-    """
+def read_pairs(path: str, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+    """`[n, 2]` (user row, item row) pairs of one gzip TSV `user<TAB>item` file."""
     import gzip
 
     import tensorflow as tf
 
-    rows = []
-    for path in sorted(tf.io.gfile.glob(pattern)):
-        with tf.io.gfile.GFile(path, "rb") as f:
-            text = gzip.decompress(f.read())
-        if text.strip():
-            rows.append(np.loadtxt(io.BytesIO(text), dtype=np.int64, delimiter="\t", ndmin=2))
-    if not rows:
+    with tf.io.gfile.GFile(path, "rb") as f:
+        text = gzip.decompress(f.read())
+    if not text.strip():
         return np.zeros((0, 2), np.int64)
-    pairs = np.concatenate(rows)
-    pairs = np.stack([np.searchsorted(users, pairs[:, 0]), np.searchsorted(items, pairs[:, 1])], axis=1)
+    raw = np.loadtxt(io.BytesIO(text), dtype=np.int64, delimiter="\t", ndmin=2)
+    return np.stack([np.searchsorted(users, raw[:, 0]), np.searchsorted(items, raw[:, 1])], axis=1)
+
+
+def pair_blocks(pattern: str, users: np.ndarray, items: np.ndarray, block: int):
+    """Yields the pairs of the files matching `pattern` in blocks of about `block` pairs, each sorted.
+
+    The files are read in name order and a block is emitted once it holds `block` pairs (plus at
+    most one file: stage 1 writes `window_shards` files, so one is a small share of the window).
+    Sorting makes a block independent of the order in which Beam workers wrote the lines, so the
+    same seed gives the same retriever on every runner and worker count. A window that fits in
+    one block comes as a single block: the retriever then shuffles it whole.
+    """
+    import tensorflow as tf
+
+    pending, held = [], 0
+    for path in sorted(tf.io.gfile.glob(pattern)):
+        pairs = read_pairs(path, users, items)
+        pending.append(pairs)
+        held += len(pairs)
+        if held >= block:
+            yield _sorted(np.concatenate(pending))
+            pending, held = [], 0
+    if held:
+        yield _sorted(np.concatenate(pending))
+
+
+def _sorted(pairs: np.ndarray) -> np.ndarray:
     return pairs[np.lexsort((pairs[:, 1], pairs[:, 0]))]
 
 
@@ -110,25 +130,27 @@ def train_mf(
         optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
         return bce
 
-    train = load_pairs(train_pattern, users, items)
-    if len(train) == 0:
-        raise ValueError(f"the retriever window is empty ({train_pattern})")
     rng = np.random.default_rng(seed)
+    cached = None  # the whole window, when it fits in one shuffle block
     for epoch in range(cfg.epochs):
         start = time.time()
-        order = rng.permutation(len(train))
-        losses = [
-            float(
-                step(
-                    tf.constant(train[order[b : b + cfg.batch_size], 0]),
-                    tf.constant(train[order[b : b + cfg.batch_size], 1]),
-                )
-            )
-            for b in range(0, len(train), cfg.batch_size)
-        ]
-        progress(f"  retriever epoch {epoch + 1}/{cfg.epochs}: loss {np.mean(losses):.4f} ({time.time() - start:.1f}s)")
+        losses = []
+        for pairs in cached or pair_blocks(train_pattern, users, items, cfg.shuffle_buffer):
+            if epoch == 0 and cached is None and len(pairs) < cfg.shuffle_buffer:
+                cached = [pairs]
+            order = rng.permutation(len(pairs))
+            for b in range(0, len(pairs), cfg.batch_size):
+                rows = pairs[order[b : b + cfg.batch_size]]
+                losses.append(step(tf.constant(rows[:, 0]), tf.constant(rows[:, 1])))
+        if not losses:
+            raise ValueError(f"the retriever window is empty ({train_pattern})")
+        loss = float(tf.reduce_mean(tf.stack(losses)))
+        progress(f"  retriever epoch {epoch + 1}/{cfg.epochs}: loss {loss:.4f} ({time.time() - start:.1f}s)")
 
-    metrics = {f"auc_{name}": _auc(pattern, users, items, logits, seed) for name, pattern in eval_patterns.items()}
+    metrics = {
+        f"auc_{name}": _auc(pattern, users, items, logits, seed, cfg.shuffle_buffer)
+        for name, pattern in eval_patterns.items()
+    }
     retriever = Retriever(
         item_ids=np.asarray(items, np.int64),
         item_emb=item_emb.embeddings.numpy().astype(np.float32),
@@ -143,22 +165,20 @@ def train_mf(
     return retriever, user_tables, {**metrics, "num_users": num_users, "num_items": num_items}
 
 
-def _auc(pattern, users, items, logits, seed) -> float:
+def _auc(pattern, users, items, logits, seed, block: int) -> float:
     """AUC of positives against uniformly drawn items (one negative per positive)."""
     import tensorflow as tf
 
-    pairs = load_pairs(pattern, users, items)
-    if len(pairs) == 0:
-        return float("nan")
     rng = np.random.default_rng(seed + 1)
     correct, total = 0.0, 0
-    for b in range(0, len(pairs), 4096):
-        u, i = tf.constant(pairs[b : b + 4096, 0]), tf.constant(pairs[b : b + 4096, 1])
-        neg = rng.integers(0, len(items), size=len(u))
-        pos_s = logits(u, i[:, None])[:, 0].numpy()
-        neg_s = logits(u, tf.constant(neg)[:, None])[:, 0].numpy()
-        correct += float((pos_s > neg_s).sum() + 0.5 * (pos_s == neg_s).sum())
-        total += len(pos_s)
+    for pairs in pair_blocks(pattern, users, items, block):
+        for b in range(0, len(pairs), 4096):
+            u, i = tf.constant(pairs[b : b + 4096, 0]), tf.constant(pairs[b : b + 4096, 1])
+            neg = rng.integers(0, len(items), size=len(u))
+            pos_s = logits(u, i[:, None])[:, 0].numpy()
+            neg_s = logits(u, tf.constant(neg)[:, None])[:, 0].numpy()
+            correct += float((pos_s > neg_s).sum() + 0.5 * (pos_s == neg_s).sum())
+            total += len(pos_s)
     return correct / total if total else float("nan")
 
 

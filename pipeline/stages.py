@@ -10,6 +10,7 @@ lists (logged, synthetic):
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import re
@@ -126,6 +127,40 @@ def _window_pairs(kv, cfg: PipelineConfig):
         yield beam.pvalue.TaggedOutput("future", f"{user}\t{r.item}")
 
 
+class _WriteSortedShard(beam.DoFn):
+    """Writes one shard of window pairs, in a stable pseudo-random order, as a gzip TSV file.
+
+    The content of every file depends only on the pairs and the seed, not on which worker wrote
+    which line, so the retriever that streams the files in name order is the same on every runner
+    and worker count. A retried bundle rewrites the same bytes.
+    """
+
+    def __init__(self, prefix: str, shards: int, seed: int):
+        self._prefix, self._shards, self._seed = prefix, shards, seed
+
+    def process(self, kv):
+        from apache_beam.io.filesystem import CompressionTypes
+        from apache_beam.io.filesystems import FileSystems
+
+        shard, lines = kv
+        lines = sorted(lines, key=lambda line: (stable_fraction(self._seed, "order", line), line))
+        path = f"{self._prefix}-{shard:05d}-of-{self._shards:05d}.tsv.gz"
+        with FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+            f.write(gzip.compress(("\n".join(lines) + "\n").encode(), mtime=0))
+        yield len(lines)
+
+
+def write_window(pcoll, cfg: PipelineConfig, prefix: str, label: str):
+    """`user<TAB>item` lines into `window_shards` files keyed by a stable hash of the line."""
+    shards, seed = cfg.retriever.window_shards, cfg.seed
+    return (
+        pcoll
+        | f"Shard{label}" >> beam.Map(lambda line: (int(stable_fraction(seed, "shard", line) * shards), line))
+        | f"GroupShard{label}" >> beam.GroupByKey()
+        | f"WriteShard{label}" >> beam.ParDo(_WriteSortedShard(prefix, shards, seed))
+    )
+
+
 def interactions_stage(p, read, cfg: PipelineConfig, output_dir: str) -> None:
     """Stage 1. `read` is a PTransform giving Interactions and a `rejects` output."""
     parsed = p | "ReadInteractions" >> read
@@ -167,9 +202,7 @@ def interactions_stage(p, read, cfg: PipelineConfig, output_dir: str) -> None:
     )
     for split in ("train", "heldout", "future"):
         pcoll = getattr(window, split)
-        _ = pcoll | f"WriteWindow{split}" >> beam.io.WriteToText(
-            work_path(output_dir, f"window-{split}"), file_name_suffix=".tsv.gz"
-        )
+        write_window(pcoll, cfg, work_path(output_dir, f"window-{split}"), split)
         stat_parts.append(stats.count(pcoll, f"retriever.window_{split}_interactions", f"Window{split}"))
     rejects = (parsed[REJECTS], ordered[REJECTS]) | "AllRejects" >> beam.Flatten()
     write_rejects(rejects, output_dir, "interactions", stat_parts)

@@ -259,3 +259,22 @@ def test_train_with_export_flag(synthetic_data, tmp_path):
     assert (export_dir / "1" / "saved_model.pb").exists()
     assert main(args) == 0, "a second run exports the next version"
     assert (export_dir / "2" / "saved_model.pb").exists()
+
+
+def test_serving_bench_counts_the_flops_of_the_smoke_prm_by_hand(exported):
+    from bench.serving import flops_per_list
+
+    e, h, f, n = 16, 16, 32, 50  # configs/smoke.yaml: embedding, width, feed-forward; list size
+    per_candidate = (
+        2 * (e + h + 1) * h  # input projection of [item embedding, user state, x]
+        + 3 * 2 * h * h  # query, key, value
+        + 2 * 2 * n * h  # attention scores and weighted sum
+        + 2 * h * h  # attention output
+        + 2 * h * f * 2  # feed-forward
+        + 2 * h * h  # output hidden layer
+        + 2 * h  # logit
+    )
+    counted = flops_per_list(tf.saved_model.load(exported["path"]), n)
+    assert counted["attention_blocks"] == 1
+    assert counted["per_request"] == 2 * e * h  # the user state, once a list
+    assert counted["per_list"] == n * per_candidate + 2 * e * h

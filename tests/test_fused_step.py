@@ -71,14 +71,13 @@ def test_fused_step_matches_two_reranker_calls(batch, model_phase):
     assert any(np.abs(g).max() > 1e-4 for g in _dense(grads_f)), "the gradients are not all zero"
 
 
-@pytest.mark.parametrize("use_adv,use_x_reg", [(True, True), (False, True), (True, False)])
-def test_simultaneous_update_gives_the_gradients_of_eq_6_to_8(batch, use_adv, use_x_reg):
+@pytest.mark.parametrize(
+    "use_adv,use_x_reg,fused", [(True, True, False), (True, True, True), (False, True, False), (True, False, False)]
+)
+def test_simultaneous_update_gives_the_gradients_of_eq_6_to_8(batch, use_adv, use_x_reg, fused):
     features, labels = batch[3], batch[4]
-    model = _model(
-        batch,
-        True,
-        **{"dnr.generator_update": "simultaneous", "dnr.use_adv": use_adv, "dnr.use_x_reg": use_x_reg},
-    )
+    options = {"dnr.generator_update": "simultaneous", "dnr.use_adv": use_adv, "dnr.use_x_reg": use_x_reg}
+    model = _model(batch, True, **options, **{"train.fused_step": str(fused).lower()})
     dnr = model.cfg.dnr
     state = model.noise_seed.state.numpy()
     losses, grads, gen_grads = model.compute_step(features, labels)

@@ -1,0 +1,196 @@
+"""Beam pipeline benchmark: wall time, peak memory and throughput, one and two local workers, as JSON.
+
+    python -m bench.pipeline --ml100k ../shared/data/ml-100k --output bench/results/pipeline.json [--quick]
+
+Data sets:
+    ml100k   the real MovieLens-100K `u.data` (configs/pipeline/ml100k.yaml);
+    ml1m     a synthetic data set of MovieLens-1M size, written by this script in ML-1M's
+             `ratings.dat` format (6,000 users, 3,700 items, 1,000,000 interactions; users and
+             items with latent tastes and a popularity skew, so the retriever has something to
+             learn), run with configs/pipeline/ml1m.yaml.
+Workers: DirectRunner in one process (`--direct_num_workers 1`), and two worker processes
+(`--direct_num_workers 2 --direct_running_mode multi_processing`).
+
+Each run is a `python -m pipeline.run` subprocess. Peak memory is sampled from /proc every 0.2 s
+as the summed resident set of the subprocess and all its descendants (the Beam workers); the peak
+of the largest single process is also reported (getrusage). `--quick` runs ML-100K and a
+100,000-interaction synthetic set with one worker and 3 retriever epochs, under a minute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def write_ml1m_like(path: str, users: int, items: int, interactions: int, seed: int = 0) -> None:
+    """A `ratings.dat` (`user::item::rating::timestamp`) of the given size, deterministic in `seed`.
+
+    Each user gets at least 20 interactions (as in ML-1M); which items is drawn without
+    replacement from softmax(taste . item + popularity) by the Gumbel top-k trick, in time order.
+    """
+    rng = np.random.default_rng(seed)
+    dim = 8
+    taste = rng.normal(size=(users, dim)).astype(np.float32)
+    item_f = rng.normal(size=(items, dim)).astype(np.float32) / np.sqrt(dim)
+    popularity = rng.normal(scale=1.0, size=items).astype(np.float32)
+    # Interactions per user: a heavy-tailed share of the total, at least 20, at most items / 2.
+    share = rng.pareto(1.5, size=users) + 1.0
+    counts = np.clip(np.floor(share / share.sum() * interactions), 20, items // 2).astype(np.int64)
+    while counts.sum() != interactions:
+        diff = interactions - int(counts.sum())
+        idx = rng.choice(users, size=min(abs(diff), users), replace=False)
+        counts[idx] = np.clip(counts[idx] + np.sign(diff), 20, items // 2)
+    start = rng.integers(956_703_932, 1_040_000_000, size=users)
+    with open(path, "w") as f:
+        for lo in range(0, users, 500):
+            hi = min(lo + 500, users)
+            logits = taste[lo:hi] @ item_f.T * 2.0 + popularity
+            keys = logits + rng.gumbel(size=logits.shape).astype(np.float32)
+            for u in range(lo, hi):
+                n = int(counts[u])
+                chosen = np.argpartition(-keys[u - lo], n)[:n]
+                chosen = chosen[np.argsort(-keys[u - lo][chosen])]
+                ratings = rng.integers(1, 6, size=n)
+                times = start[u] + np.cumsum(rng.integers(1, 5000, size=n))
+                rows = zip(chosen.tolist(), ratings.tolist(), times.tolist())
+                f.write("".join(f"{u + 1}::{i + 1}::{r}::{t}\n" for i, r, t in rows))
+
+
+def _tree_rss(root_pid: int) -> int:
+    """Resident bytes of `root_pid` and all its descendants."""
+    parents, rss = {}, {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            parents[int(name)] = int(fields[1])
+            rss[int(name)] = int(fields[21]) * PAGE
+        except (OSError, IndexError, ValueError):
+            continue
+    total, stack = 0, [root_pid]
+    while stack:
+        pid = stack.pop()
+        total += rss.get(pid, 0)
+        stack.extend(child for child, parent in parents.items() if parent == pid)
+    return total
+
+
+def run_pipeline(args: list[str], log_path: str) -> dict:
+    """Runs `python -m pipeline.run args`, sampling the memory of its process tree."""
+    peak = [0]
+    with open(log_path, "w") as log:
+        start = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline.run", *args], cwd=ROOT, stdout=log, stderr=log)
+        done = threading.Event()
+
+        def sample():
+            while not done.is_set():
+                peak[0] = max(peak[0], _tree_rss(proc.pid))
+                done.wait(0.2)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        rc = proc.wait()
+        wall = time.perf_counter() - start
+        done.set()
+        sampler.join()
+    if rc != 0:
+        with open(log_path) as f:
+            tail = f.read()[-2000:]
+        raise RuntimeError(f"pipeline.run {' '.join(args)} failed (exit {rc}); log {log_path}:\n{tail}")
+    return {
+        "wall_s": wall,
+        "peak_tree_rss_mb": peak[0] / 2**20,
+        # ru_maxrss of children: the largest single process waited for so far (KiB on Linux).
+        "peak_largest_process_mb_so_far": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+    }
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.pipeline", description=__doc__.split("\n")[0])
+    default_ml100k = os.path.join(os.path.dirname(ROOT), "shared", "data", "ml-100k")
+    parser.add_argument("--ml100k", default=default_ml100k, help="directory holding MovieLens-100K u.data")
+    parser.add_argument("--output", default="bench/results/pipeline.json")
+    parser.add_argument("--work_dir", help="where data and outputs are written (default: a temporary folder)")
+    parser.add_argument("--datasets", default="ml100k,ml1m", help="comma-separated: ml100k, ml1m")
+    parser.add_argument("--workers", default="1,2", help="comma-separated worker counts")
+    parser.add_argument("--quick", action="store_true", help="a run under a minute")
+    args = parser.parse_args(argv)
+    names = [n for n in args.datasets.split(",") if n]
+    workers = [int(w) for w in args.workers.split(",") if w]
+    if "ml100k" in names and not os.path.exists(os.path.join(args.ml100k, "u.data")):
+        parser.error(f"{args.ml100k}/u.data not found: pass --ml100k DIR")
+    interactions = 100_000 if args.quick else 1_000_000
+    if args.quick:
+        workers = [1]
+    work = args.work_dir or tempfile.mkdtemp(prefix="bench_pipeline_")
+    os.makedirs(work, exist_ok=True)
+
+    inputs = {}
+    if "ml100k" in names:
+        ml100k = os.path.join(args.ml100k, "u.data")
+        inputs["ml100k"] = (["--config", "configs/pipeline/ml100k.yaml", "--input", ml100k], 100_000)
+    if "ml1m" in names:
+        users, items = (6_000, 3_700) if not args.quick else (1_000, 1_500)
+        path = os.path.join(work, f"ratings-{users}x{items}x{interactions}.dat")
+        if not os.path.exists(path):
+            t = time.perf_counter()
+            write_ml1m_like(path, users, items, interactions)
+            print(f"wrote {path} in {time.perf_counter() - t:.0f} s", flush=True)
+        inputs["ml1m"] = (["--config", "configs/pipeline/ml1m.yaml", "--input", path], interactions)
+
+    result = {
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
+        "quick": args.quick,
+        "runs": [],
+    }
+    for name, (base_args, n_interactions) in inputs.items():
+        for w in workers:
+            out = os.path.join(work, f"out-{name}-w{w}")
+            extra = ["--direct_num_workers", str(w)]
+            if w > 1:
+                extra += ["--direct_running_mode", "multi_processing"]
+            if args.quick:
+                extra += ["--set", "retriever.epochs=3"]
+            print(f"{name}, {w} worker(s) ...", flush=True)
+            row = run_pipeline([*base_args, "--output_dir", out, *extra], os.path.join(work, f"{name}-w{w}.log"))
+            with open(os.path.join(out, "stats.json")) as f:
+                stats = json.load(f)
+            row.update(
+                dataset=name,
+                workers=w,
+                interactions=n_interactions,
+                interactions_per_s=n_interactions / row["wall_s"],
+                lists=sum(int(s.get("lists", 0)) for s in stats.get("splits", {}).values()),
+            )
+            result["runs"].append(row)
+            print(
+                f"  {row['wall_s']:.1f} s, {row['interactions_per_s']:,.0f} interactions/s, "
+                f"peak {row['peak_tree_rss_mb']:,.0f} MB (all processes), {row['lists']:,} lists",
+                flush=True,
+            )
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    with open(args.output, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"written to {args.output} (data and logs in {work})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
