@@ -99,6 +99,9 @@ class PipelineConfig:
         paper_retriever_fraction: share of all interactions training the retriever (paper protocol).
         seed: seed of everything random (retriever, simulator, random-order baseline).
         output_shards: shards per split (0 lets the runner decide).
+        max_reject_share: the run fails, writing no TFRecords, when more than this share of the input
+            records is rejected (every one is still listed in `rejects-*.jsonl`): a data set built
+            from what is left would be skewed. 1.0 accepts any share.
         retriever: the MF retriever.
         synthetic: the simulator.
     """
@@ -119,6 +122,7 @@ class PipelineConfig:
     paper_retriever_fraction: float = 0.8
     seed: int = 0
     output_shards: int = 1
+    max_reject_share: float = 0.01
     retriever: RetrieverConfig = RetrieverConfig()
     synthetic: SyntheticConfig = SyntheticConfig()
 
@@ -137,5 +141,6 @@ class PipelineConfig:
         )
         check(0.0 < self.paper_retriever_fraction < 1.0, "paper_retriever_fraction", "must be in (0, 1)")
         check(self.output_shards >= 0, "output_shards", "must be >= 0")
+        check(0.0 <= self.max_reject_share <= 1.0, "max_reject_share", "must be in [0, 1]")
         if self.source in ("movielens", "csv", "logged"):
             check(bool(self.input), "input", f"is required for source {self.source}")

@@ -68,6 +68,31 @@ def _clean_outputs(output_dir: str) -> None:
             tf.io.gfile.rmtree(path)
 
 
+def check_reject_share(stats: dict, cfg: PipelineConfig, output_dir: str) -> None:
+    """Fails the run, removing its TFRecords, when more than `max_reject_share` of the records is rejected."""
+    import tensorflow as tf
+
+    rejects = stats.get("rejects", {})
+    rejected = sum(rejects.values())
+    counts = stats.get("counts", {})
+    read = counts.get("interactions_read", counts.get("lists_read", 0))
+    total = read + counts.get("rejected_at_read", 0)
+    if not rejected or not total or rejected / total <= cfg.max_reject_share:
+        return
+    for pattern in ("train-*", "valid-*", "test-*"):
+        for path in tf.io.gfile.glob(os.path.join(output_dir, pattern)):
+            tf.io.gfile.remove(path)
+    _write_json(os.path.join(output_dir, "stats.json"), stats)
+    _remove_work(output_dir)
+    top = ", ".join(f"{key} {n}" for key, n in sorted(rejects.items(), key=lambda kv: -kv[1])[:3])
+    raise PipelineError(
+        f"{rejected} of {total} input records ({rejected / total:.1%}) were rejected, above "
+        f"max_reject_share={cfg.max_reject_share:g}, so no TFRecords were written: the data set would be skewed. "
+        f"Most frequent reasons: {top}. Every rejected record is in {output_dir}/rejects-*.jsonl with its file, "
+        f"line and reason. Fix the input, or accept the share with --set max_reject_share=..."
+    )
+
+
 def _read_lines(pattern: str) -> list[str]:
     import tensorflow as tf
 
@@ -206,6 +231,7 @@ def run_config(cfg: PipelineConfig, output_dir: str, beam_args: list[str] | None
             "stage 1 (read, validate, k-core)",
         )
         stats_lib.merge_into(stats, _read_lines(stages.work_path(output_dir, "stats-stage1*")))
+        check_reject_share(stats, cfg, output_dir)
         counts = stats.get("counts", {})
         if not counts.get("interactions_after_kcore"):
             raise PipelineError(
@@ -256,6 +282,7 @@ def run_config(cfg: PipelineConfig, output_dir: str, beam_args: list[str] | None
             "lists (read, validate, split, TFRecords)",
         )
         stats_lib.merge_into(stats, _read_lines(stages.work_path(output_dir, "stats*")))
+        check_reject_share(stats, cfg, output_dir)
 
     splits = stats.get("splits", {})
     if not any(splits.get(s, {}).get("lists") for s in ("train", "valid", "test")):

@@ -32,6 +32,10 @@ SMALL = [
     "retriever.dim=8",
     "--set",
     "kcore_max_iters=2",
+    # These runs hold a few bad records among few good ones on purpose; the share limit has its own
+    # tests (test_reliability_pipeline.py).
+    "--set",
+    "max_reject_share=1",
 ]
 
 
@@ -323,6 +327,8 @@ def bad_logged(tmp_path_factory):
         "history_len=4",
         "--set",
         "k=3",
+        "--set",
+        "max_reject_share=1",
     )
     return {
         "path": path,
