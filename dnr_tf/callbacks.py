@@ -39,9 +39,13 @@ class BestWeights(keras.callbacks.Callback):
         value = float(value)
         if value > self.best_value:
             self.best_value, self.best_epoch = value, epoch + 1
-            self.model.save_weights(self.weights_path, overwrite=True)
-            with open(self.state_path, "w") as f:
+            # Written aside, then renamed: a run killed while writing keeps the previous best.
+            tmp_weights = self.weights_path.replace(".weights.h5", ".tmp.weights.h5")
+            self.model.save_weights(tmp_weights, overwrite=True)
+            os.replace(tmp_weights, self.weights_path)
+            with open(self.state_path + ".tmp", "w") as f:
                 json.dump({"epoch": self.best_epoch, "value": value, "monitor": self.monitor}, f)
+            os.replace(self.state_path + ".tmp", self.state_path)
 
     def restore(self, model) -> None:
         if self.best_epoch is not None:
@@ -87,3 +91,103 @@ class ScoreHistograms(keras.callbacks.Callback):
                 tf.summary.histogram("x_prime/negative", tf.boolean_mask(x_fake, neg))
             tf.summary.scalar("sampler_phase", int(self.model.model_phase))
         self.writer.flush()
+
+
+class NonFiniteLoss(RuntimeError):
+    """A training step whose loss or gradients were not finite, under `train.on_nonfinite: stop`."""
+
+
+class NonFiniteGuard(keras.callbacks.Callback):
+    """Acts on the steps `DNRModel.train_step` refused to apply because a term was not finite.
+
+    `stop`: raises `NonFiniteLoss` naming the term(s), the epoch and the step, at the first one.
+    `skip`: lets the run go on and prints, at the end of an epoch that had some, how many and why.
+    Either way no non-finite update reached the weights.
+    """
+
+    def __init__(self, policy: str):
+        super().__init__()
+        if policy not in ("stop", "skip"):
+            raise ValueError(f"unknown train.on_nonfinite {policy!r}")
+        self.policy = policy
+        self._seen = None
+        self._epoch = 0
+
+    def _counts(self):
+        return [int(v) for v in self.model.nonfinite_counts.numpy()]
+
+    def on_train_begin(self, logs=None):
+        self._seen = self._counts()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def _new(self):
+        from dnr_tf.model import NONFINITE_TERMS
+
+        counts = self._counts()
+        new = {name: now - before for name, now, before in zip(NONFINITE_TERMS, counts, self._seen) if now > before}
+        self._seen = counts
+        return new
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.policy != "stop":
+            return
+        new = self._new()
+        if new:
+            self.model.stop_training = True
+            raise NonFiniteLoss(
+                f"{' and '.join(new)} not finite at epoch {self._epoch + 1}, step {batch + 1}: the step was not "
+                "applied and the run stops (train.on_nonfinite=stop). The last epoch's backup and the best weights "
+                "are intact. Lower train.learning_rate, check the data, or set train.on_nonfinite=skip to skip "
+                "such steps and count them."
+            )
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.policy == "skip":
+            new = self._new()
+            if new:
+                detail = ", ".join(f"{name} {n}" for name, n in new.items())
+                print(f"warning: epoch {epoch + 1}: steps skipped for non-finite values ({detail})", flush=True)
+
+
+class RngStateBackup(keras.callbacks.Callback):
+    """Saves the states of every random generator of the model (noise, dropout) with each epoch's
+    backup and restores them on resume, so that a resumed run draws what an uninterrupted one draws.
+
+    Keras' `BackupAndRestore` saves weights and optimizer state, not `SeedGenerator` states. Put this
+    callback after it (and after anything that draws at the end of an epoch).
+    """
+
+    FILE = "rng_state.json"
+
+    def __init__(self, backup_dir: str):
+        super().__init__()
+        self.path = os.path.join(backup_dir, self.FILE)
+
+    def _generators(self):
+        return {v.path: v for v in self.model.variables if v.path.endswith("seed_generator_state")}
+
+    def on_train_begin(self, logs=None):
+        if not os.path.exists(self.path):
+            return
+        with open(self.path) as f:
+            saved = json.load(f)
+        meta = os.path.join(os.path.dirname(self.path), "training_metadata.json")
+        if os.path.exists(meta):
+            with open(meta) as f:
+                if json.load(f).get("epoch") != saved["epoch"]:
+                    print("warning: the random states saved are not those of the backup's epoch", flush=True)
+                    return
+        generators = self._generators()
+        for path, state in saved["states"].items():
+            if path in generators:
+                generators[path].assign(state)
+
+    def on_epoch_end(self, epoch, logs=None):
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        states = {path: v.numpy().tolist() for path, v in self._generators().items()}
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"epoch": epoch + 1, "states": states}, f)
+        os.replace(tmp, self.path)

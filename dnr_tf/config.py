@@ -133,6 +133,9 @@ class TrainConfig:
         monitor: validation metric that picks the best epoch.
         shuffle_buffer: lists in the shuffle buffer.
         steps_per_epoch: cap on steps an epoch (None: the whole split).
+        on_nonfinite: a step whose loss terms or gradients are not all finite is never applied;
+            `stop` then ends the run with a message naming the term and the epoch, `skip` goes on
+            and counts such steps (`skipped_steps` in the logs and metrics.json).
         fused_step: one reranker call on the real and the generated lists stacked along the batch,
             with the same losses and gradients as two calls (tested). Off by default: on the 2-core
             CPU of docs/performance.md it is 5-10% slower than two calls; it is the usual win where
@@ -148,6 +151,7 @@ class TrainConfig:
     monitor: str = "ndcg@6"
     shuffle_buffer: int = 10_000
     steps_per_epoch: int | None = None
+    on_nonfinite: Literal["stop", "skip"] = "stop"
     fused_step: bool = False
 
     def validate(self) -> None:

@@ -30,6 +30,8 @@ def make_dataset(
     repeat: bool = False,
     drop_remainder: bool = False,
     cache: bool = False,
+    epochs_from: int | None = None,
+    epochs: int = 1,
 ) -> tf.data.Dataset:
     """Reads candidate-list records into batches of feature dicts.
 
@@ -43,6 +45,12 @@ def make_dataset(
         repeat: repeat forever.
         drop_remainder: drop a last, smaller batch.
         cache: cache the parsed records in memory (small data sets).
+        epochs_from: with `shuffle`, the `epochs` epochs from this epoch number on, one after the
+            other, epoch e shuffled with a seed made of (`seed`, e) alone: the batches of an epoch do
+            not depend on how many iterators were made before, so a resumed run gets an
+            uninterrupted run's batches by starting at its next epoch. Set the global seed first
+            (`keras.utils.set_random_seed`): tf.data mixes it into every shuffle's seed.
+        epochs: how many epochs `epochs_from` gives.
 
     Returns:
         A dataset of dicts: `item_ids` int64 `[batch, list_size]`, `retriever_scores` float32
@@ -78,6 +86,18 @@ def make_dataset(
     )
     if cache:
         ds = ds.cache()
+    if shuffle and epochs_from is not None:
+        records = ds
+        base = 0 if seed is None else int(seed) * 1_000_003
+
+        def epoch(e: int):
+            one = records.unbatch().shuffle(shuffle_buffer, seed=base + e, reshuffle_each_iteration=False)
+            return one.batch(batch_size, drop_remainder=drop_remainder)
+
+        stream = epoch(epochs_from)
+        for e in range(epochs_from + 1, epochs_from + epochs):
+            stream = stream.concatenate(epoch(e))
+        return stream.prefetch(tf.data.AUTOTUNE)
     if shuffle:
         # Records were batched in file order; reshuffle across batches with a record-level buffer.
         ds = ds.unbatch().shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)

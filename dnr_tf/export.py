@@ -12,8 +12,9 @@ Serving watches, with two signatures:
 Both return `scores` float32 `[batch, list_size]` (p(z = 1) of each candidate, 0.0 on padding),
 `top_k_item_ids` int64 `[batch, K]` and `top_k_indices` int32 `[batch, K]` (best first; 0 and -1
 where a list has fewer than K candidates). Item id 0 is padding; ids outside the vocabulary use
-the out-of-vocabulary embedding. A score outside [0, 1], NaN, or a list longer than the trained
-list size is rejected with an error naming the field. Only the reranker is exported: the noise
+the out-of-vocabulary embedding. A score outside [0, 1], NaN, a list longer than the trained
+list size, an input of the wrong rank, or a `history` or `user_id` whose batch differs from
+`item_ids`' is rejected with an error naming the field. Only the reranker is exported: the noise
 generator is training-only. `assets.extra/tf_serving_warmup_requests` holds a few real requests.
 """
 
@@ -58,6 +59,11 @@ def serving_fns(reranker, list_size: int, k: int):
                 ["retriever_scores must be finite numbers in [0, 1] (found NaN, inf or out of range)"],
             ),
             tf.debugging.Assert(tf.reduce_all(item_ids >= 0), ["item_ids must be >= 0 (0 is padding)"]),
+            tf.debugging.assert_equal(
+                tf.shape(history)[0],
+                tf.shape(item_ids)[0],
+                message="history must have one row per item_ids row [batch, history_len]",
+            ),
         ]
         with tf.control_dependencies(checks):
             logits = reranker(
@@ -78,8 +84,17 @@ def serving_fns(reranker, list_size: int, k: int):
 
     @tf.function
     def predict_lists(item_ids, retriever_scores, history, user_id):
-        del user_id  # part of the request for logging and future backbones; PRM/DNN read the history
-        return predict(item_ids, retriever_scores, history)
+        # Calling a signature checks the dtypes of its inputs, not their shapes: a wrong rank fails here, naming it.
+        item_ids, retriever_scores, history = (
+            tf.ensure_shape(x, [None, None]) for x in (item_ids, retriever_scores, history)
+        )
+        user_id = tf.ensure_shape(user_id, [None])
+        # user_id is part of the request for logging and future backbones; PRM/DNN read the history.
+        one_per_list = tf.debugging.assert_equal(
+            tf.shape(user_id)[0], tf.shape(item_ids)[0], message="user_id must hold one id per item_ids row"
+        )
+        with tf.control_dependencies([one_per_list]):
+            return predict(item_ids, retriever_scores, history)
 
     spec = {
         S.ITEM_IDS: tf.io.RaggedFeature(tf.int64),
@@ -89,7 +104,8 @@ def serving_fns(reranker, list_size: int, k: int):
 
     @tf.function
     def serve_examples(examples):
-        parsed = tf.io.parse_example(examples, spec)
+        # Named, so that TF's own errors for malformed examples name the node that parses `examples`.
+        parsed = tf.io.parse_example(tf.ensure_shape(examples, [None]), spec, name="parse_examples")
         lengths_match = tf.reduce_all(
             tf.equal(parsed[S.ITEM_IDS].row_lengths(), parsed[S.RETRIEVER_SCORES].row_lengths())
         )
@@ -126,8 +142,15 @@ def export_model(
     which watches `export_dir`, never loads a half-written version.
     """
     import keras
+    import numpy as np
     import tensorflow as tf
 
+    bad = [v.path for v in model.reranker.weights if not bool(np.all(np.isfinite(v.numpy())))]
+    if bad:
+        raise ValueError(
+            f"not exported: the reranker has non-finite weights ({', '.join(bad[:5])}); a model with NaN or inf "
+            "weights would answer NaN scores"
+        )
     version = next_version(export_dir) if version is None else version
     final = os.path.join(export_dir, str(version))
     if os.path.exists(final):

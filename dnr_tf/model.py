@@ -33,6 +33,8 @@ from dnr_tf.metrics import RankingMetrics
 from dnr_tf.noise import GeneratorSampler, HeuristicSampler
 
 LOSS_TERMS = ("loss", "l_direct", "l_z", "l_adv", "l_x")
+# What `nonfinite_counts` counts, in its order (how the messages name them).
+NONFINITE_TERMS = ("L_direct", "L_z", "L_adv", "L_x'", "the reranker's gradients", "the generator's gradients")
 _LOG_EPS = 1e-6
 
 
@@ -53,6 +55,17 @@ def reverse_gradient(x, scale: float):
     """x in the forward pass; its gradient multiplied by `scale` in the backward pass."""
     x_fixed = ops.stop_gradient(x)
     return x_fixed + scale * (x - x_fixed)
+
+
+def all_finite(tensors):
+    """True when every value of every tensor (or IndexedSlices) is finite; None entries are skipped."""
+    checks = []
+    for t in tensors:
+        if t is None:
+            continue
+        values = t.values if isinstance(t, tf.IndexedSlices) else t
+        checks.append(tf.reduce_all(tf.math.is_finite(values)))
+    return tf.reduce_all(tf.stack(checks)) if checks else tf.constant(True)
 
 
 def x_regulariser(x, x_fake, mask):
@@ -95,6 +108,13 @@ class DNRModel(keras.Model):
             shape=(), dtype="int32", initializer="zeros", trainable=False, name="sampler_phase"
         )
         self._model_phase = False
+        # Steps with a non-finite loss term or gradient are never applied (see `train_step`).
+        self.nonfinite_counts = self.add_weight(
+            shape=(len(NONFINITE_TERMS),), dtype="int32", initializer="zeros", trainable=False, name="nonfinite_counts"
+        )
+        self.skipped_steps = self.add_weight(
+            shape=(), dtype="int32", initializer="zeros", trainable=False, name="skipped_steps"
+        )
         self.trackers = {name: keras.metrics.Mean(name=name) for name in LOSS_TERMS}
         self.ranking = RankingMetrics(cfg.train.k)
 
@@ -223,15 +243,43 @@ class DNRModel(keras.Model):
         losses.update(logits=logits, mask=mask, z=z)
         return losses, grads[: len(variables)], (grads[len(variables) :] if simultaneous else None)
 
+    def _apply_if_finite(self, optimizer, grads, variables, flags):
+        """Applies the update only when every flag holds; counts the flags that do not."""
+        ok = tf.reduce_all(tf.stack([f for _, f in flags]))
+        index = [NONFINITE_TERMS.index(name) for name, _ in flags]
+        bad = tf.cast(tf.logical_not(tf.stack([f for _, f in flags])), "int32")
+        self.nonfinite_counts.assign_add(tf.scatter_nd(tf.constant(index)[:, None], bad, [len(NONFINITE_TERMS)]))
+
+        def apply():
+            optimizer.apply(grads, variables)
+            return tf.constant(True)
+
+        return tf.cond(ok, apply, lambda: tf.constant(False))
+
     def train_step(self, data):
+        """Algorithm 1 on one batch. A step whose loss terms or gradients are not all finite is not
+        applied (neither model changes); it is counted in `nonfinite_counts` by term, and
+        `NonFiniteGuard` stops the run or lets it go on (`train.on_nonfinite`)."""
         features, labels, _ = keras.utils.unpack_x_y_sample_weight(data)
         dnr = self.cfg.dnr
         losses, grads, gen_grads = self.compute_step(features, labels)
-        self.optimizer.apply(grads, self.reranker.trainable_variables)
+        flags = [
+            ("L_direct", tf.math.is_finite(losses["l_direct"])),
+            ("L_z", tf.math.is_finite(losses["l_z"])),
+            ("the reranker's gradients", all_finite(grads)),
+        ]
+        if gen_grads is not None:
+            flags += [
+                ("L_adv", tf.math.is_finite(losses["l_adv"])),
+                ("L_x'", tf.math.is_finite(losses["l_x"])),
+                ("the generator's gradients", all_finite(gen_grads)),
+            ]
+        applied = self._apply_if_finite(self.optimizer, grads, self.reranker.trainable_variables, flags)
+        self.skipped_steps.assign_add(tf.cast(tf.logical_not(applied), "int32"))
         l_adv, l_x = losses["l_adv"], losses["l_x"]
         extra_generator_steps = 0
         if gen_grads is not None:
-            self.generator_optimizer.apply(gen_grads, self.generator.trainable_variables)
+            self._apply_if_finite(self.generator_optimizer, gen_grads, self.generator.trainable_variables, flags)
             extra_generator_steps = dnr.generator_steps - 1
         elif self._model_phase and dnr.trains_generator:
             extra_generator_steps = dnr.generator_steps
@@ -239,9 +287,23 @@ class DNRModel(keras.Model):
         for _ in range(extra_generator_steps):
             with tf.GradientTape() as gtape:
                 gen_loss, l_adv, l_x = self._generator_losses(features, losses["z"], losses["mask"])
-            self.generator_optimizer.apply(gtape.gradient(gen_loss, gen_vars), gen_vars)
+            gen_step_grads = gtape.gradient(gen_loss, gen_vars)
+            gen_flags = [
+                ("L_adv", tf.math.is_finite(l_adv)),
+                ("L_x'", tf.math.is_finite(l_x)),
+                ("the generator's gradients", all_finite(gen_step_grads)),
+            ]
+            self._apply_if_finite(self.generator_optimizer, gen_step_grads, gen_vars, gen_flags)
         return self._update_metrics(
-            losses["loss"], losses["l_direct"], losses["l_z"], l_adv, l_x, labels, losses["logits"], losses["mask"]
+            losses["loss"],
+            losses["l_direct"],
+            losses["l_z"],
+            l_adv,
+            l_x,
+            labels,
+            losses["logits"],
+            losses["mask"],
+            applied,
         )
 
     def test_step(self, data):
@@ -254,12 +316,23 @@ class DNRModel(keras.Model):
             _, l_adv, l_x = self._generator_losses(features, z, mask)
         return self._update_metrics(loss, l_direct, l_z, l_adv, l_x, labels, logits, mask)
 
-    def _update_metrics(self, loss, l_direct, l_z, l_adv, l_x, labels, logits, mask):
-        for name, value in zip(LOSS_TERMS, (loss, l_direct, l_z, l_adv, l_x)):
-            self.trackers[name].update_state(value)
-        self.ranking.update_state(labels, logits, mask)
+    def _update_metrics(self, loss, l_direct, l_z, l_adv, l_x, labels, logits, mask, applied=None):
+        """Updates the epoch's means; a step that was not applied (`applied` False) adds nothing."""
+        if applied is None:
+            for name, value in zip(LOSS_TERMS, (loss, l_direct, l_z, l_adv, l_x)):
+                self.trackers[name].update_state(value)
+            self.ranking.update_state(labels, logits, mask)
+        else:
+            weight = ops.cast(applied, "float32")
+            for name, value in zip(LOSS_TERMS, (loss, l_direct, l_z, l_adv, l_x)):
+                self.trackers[name].update_state(ops.where(applied, value, 0.0), sample_weight=weight)
+            # Not applied: no list has a positive, so none counts (and no NaN reaches the sums).
+            self.ranking.update_state(
+                ops.where(applied, labels, 0), ops.where(applied, logits, 0.0), ops.logical_and(mask, applied)
+            )
         logs = {m.name: m.result() for m in self.metrics}
         logs["sampler_phase"] = ops.cast(self.sampler_phase, "float32")
+        logs["skipped_steps"] = ops.cast(self.skipped_steps, "float32")
         return logs
 
 

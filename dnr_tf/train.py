@@ -73,8 +73,13 @@ def split_sizes(data_dir: str) -> dict[str, int]:
     return {name: int(s["lists"]) for name, s in splits.items() if "lists" in s}
 
 
-def datasets(data_dir: str, cfg: ExperimentConfig, schema):
-    """(train, valid, test) datasets of (features, labels) pairs."""
+def datasets(data_dir: str, cfg: ExperimentConfig, schema, epochs_from: int | None = None, epochs: int = 1):
+    """(train, valid, test) datasets of (features, labels) pairs.
+
+    With `epochs_from`, train is the stream of `epochs` epochs from that epoch on, each shuffled by
+    (seed, epoch) alone (`make_dataset`): what `train` uses, so that a resumed run sees the batches
+    an uninterrupted one would. Without it, train is one shuffled pass.
+    """
     import tensorflow as tf
 
     from dnr_tf import data as data_lib
@@ -96,8 +101,10 @@ def datasets(data_dir: str, cfg: ExperimentConfig, schema):
             shuffle_buffer=cfg.train.shuffle_buffer,
             seed=cfg.train.seed,
             cache=True,
+            epochs_from=epochs_from if train else None,
+            epochs=epochs,
         ).map(to_pairs)
-        if split in sizes:
+        if split in sizes and not (train and epochs_from is not None):
             # Known length: Keras shows real progress bars and does not warn at the end of epoch 1.
             ds = ds.apply(tf.data.experimental.assert_cardinality(math.ceil(sizes[split] / batch)))
         out.append(ds)
@@ -108,6 +115,37 @@ def check_schema(cfg: ExperimentConfig, schema) -> None:
     config_io.check(
         cfg.train.k <= schema.list_size, "train.k", f"must not exceed the data's list size {schema.list_size}"
     )
+
+
+def check_resume(model_dir: str, data_dir: str, schema) -> None:
+    """A run resumed from its backup must see the data it started on: same record shapes and items."""
+    from dnr_tf import schema as schema_lib
+
+    if not os.path.exists(os.path.join(model_dir, "backup", "training_metadata.json")):
+        return
+    if os.path.exists(os.path.join(model_dir, schema_lib.SCHEMA_FILE)):
+        before = schema_lib.load_schema(model_dir)
+        for field in ("list_size", "history_len"):
+            if getattr(before, field) != getattr(schema, field):
+                raise config_io.ConfigError(
+                    f"{data_dir}/schema.json: {field} is {getattr(schema, field)}, but the run in {model_dir} "
+                    f"started on data with {field} {getattr(before, field)}; resume it on that data, or train "
+                    "in a fresh --model_dir"
+                )
+    if os.path.exists(os.path.join(model_dir, "item_vocab.txt")) and read_vocab(model_dir) != read_vocab(data_dir):
+        raise config_io.ConfigError(
+            f"{data_dir}/item_vocab.txt differs from the vocabulary of the run in {model_dir} (its item embeddings "
+            "are indexed by it); resume it on the data it started on, or train in a fresh --model_dir"
+        )
+
+
+def resumed_epochs(model_dir: str) -> int:
+    """Epochs a run's backup has completed (0 for a fresh run)."""
+    path = os.path.join(model_dir, "backup", "training_metadata.json")
+    if not os.path.exists(path):
+        return 0
+    with open(path) as f:
+        return int(json.load(f).get("epoch", 0))
 
 
 def load_run(model_dir: str):
@@ -165,11 +203,12 @@ def train(cfg: ExperimentConfig, data_dir: str, model_dir: str, verbose: int | N
 
     from dnr_tf import callbacks as cb
     from dnr_tf import schema as schema_lib
-    from dnr_tf.model import SamplerSchedule
+    from dnr_tf.model import NONFINITE_TERMS, SamplerSchedule
 
     schema = schema_lib.load_schema(data_dir)
     check_schema(cfg, schema)
     item_vocab = read_vocab(data_dir)
+    check_resume(model_dir, data_dir, schema)
     os.makedirs(model_dir, exist_ok=True)
     # The run is self-contained: export and evaluate need its vocabulary and record shapes.
     for name in ("item_vocab.txt", schema_lib.SCHEMA_FILE):
@@ -184,9 +223,24 @@ def train(cfg: ExperimentConfig, data_dir: str, model_dir: str, verbose: int | N
             if os.path.exists(os.path.join(model_dir, name)):
                 os.remove(os.path.join(model_dir, name))
 
-    train_ds, valid_ds, test_ds = datasets(data_dir, cfg, schema)
+    keras.utils.set_random_seed(cfg.train.seed)  # tf.data mixes the global seed into its shuffles
+    one_pass, valid_ds, test_ds = datasets(data_dir, cfg, schema)
+    calibration = score_calibration(one_pass) if cfg.dnr.heuristic == "calibrated" else None
+    pass_len = int(one_pass.cardinality())
+    if pass_len <= 0:  # no stats.json: count once
+        pass_len = sum(1 for _ in one_pass)
+    steps_per_epoch = cfg.train.steps_per_epoch or pass_len
+    # The run's epochs, each shuffled by (seed, epoch). A resumed run starts at its next epoch; with
+    # `steps_per_epoch` capped (epochs then are not passes), the batches it has done are skipped.
+    done = resumed_epochs(model_dir)
+    epochs = cfg.train.epochs
+    if cfg.train.steps_per_epoch:
+        passes = math.ceil(epochs * steps_per_epoch / pass_len) + 1
+        stream = datasets(data_dir, cfg, schema, epochs_from=0, epochs=passes)[0]
+        train_ds = stream.skip(done * steps_per_epoch).repeat()
+    else:
+        train_ds = datasets(data_dir, cfg, schema, epochs_from=done, epochs=max(epochs - done, 1))[0]
     example = next(iter(train_ds))[0]
-    calibration = score_calibration(train_ds) if cfg.dnr.heuristic == "calibrated" else None
     if calibration is not None:
         with open(os.path.join(model_dir, "calibration.json"), "w") as f:
             json.dump({"beta_given_z0": calibration[0], "beta_given_z1": calibration[1]}, f)
@@ -196,11 +250,13 @@ def train(cfg: ExperimentConfig, data_dir: str, model_dir: str, verbose: int | N
     best = cb.BestWeights(model_dir, monitor)
     callbacks = [
         SamplerSchedule(cfg.dnr.lambda_e if cfg.dnr.model_based else 10**9),
-        keras.callbacks.BackupAndRestore(backup_dir, save_freq="epoch"),
+        cb.NonFiniteGuard(cfg.train.on_nonfinite),
+        keras.callbacks.BackupAndRestore(backup_dir, save_freq="epoch", double_checkpoint=True),
         best,
         timer,
         keras.callbacks.TensorBoard(os.path.join(model_dir, "logs"), histogram_freq=0),
         cb.ScoreHistograms(os.path.join(model_dir, "logs", "scores"), example, next(iter(train_ds))[1]),
+        cb.RngStateBackup(backup_dir),  # after every callback that draws at the end of an epoch
     ]
     if verbose is None:
         verbose = 1 if sys.stdout.isatty() else 2
@@ -211,7 +267,7 @@ def train(cfg: ExperimentConfig, data_dir: str, model_dir: str, verbose: int | N
         epochs=cfg.train.epochs,
         callbacks=callbacks,
         verbose=verbose,
-        steps_per_epoch=cfg.train.steps_per_epoch,
+        steps_per_epoch=steps_per_epoch,
     )
     wall = time.time() - start
 
@@ -220,6 +276,8 @@ def train(cfg: ExperimentConfig, data_dir: str, model_dir: str, verbose: int | N
         "reranker": int(model.optimizer.iterations.numpy()),
         "generator": int(model.generator_optimizer.iterations.numpy()) if model.generator_optimizer else 0,
     }
+    skipped = int(model.skipped_steps.numpy())
+    nonfinite = dict(zip(NONFINITE_TERMS, (int(v) for v in model.nonfinite_counts.numpy())))
     best.restore(model)
     valid = _evaluate(model, valid_ds)
     test = _evaluate(model, test_ds)
@@ -233,6 +291,8 @@ def train(cfg: ExperimentConfig, data_dir: str, model_dir: str, verbose: int | N
         "train_seconds": wall,
         "steps": steps,
         "calibration": calibration,
+        "skipped_steps": skipped,
+        "nonfinite_counts": nonfinite,
         "history": {k: [float(v) for v in vals] for k, vals in history.history.items()},
     }
     with open(os.path.join(model_dir, "metrics.json"), "w") as f:
@@ -263,6 +323,11 @@ def main(argv=None) -> int:
     except (config_io.ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # noqa: BLE001 - a NonFiniteLoss gets its one line; anything else its traceback
+        if type(e).__name__ != "NonFiniteLoss":
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     print_table(result)
     print(f"run written to {model_dir}/ (metrics.json, best.weights.h5, logs/ for TensorBoard)")
     if export_dir is not None:

@@ -176,6 +176,19 @@ def test_killed_run_resumes_from_its_epoch(synthetic_data, tmp_path):
     assert steps % 4 == 0
     assert result["steps"]["generator"] == steps // 4 * 3
 
+    # The same command, never interrupted: the same epochs, losses and final metrics. The resumed
+    # run skipped the batches of the epochs it had done and restored the noise and dropout states.
+    whole_dir = tmp_path / "whole"
+    whole_cmd = [*cmd[: cmd.index("--model_dir") + 1], str(whole_dir), *cmd[cmd.index("--model_dir") + 2 :]]
+    subprocess.run(whole_cmd, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    whole = json.loads((whole_dir / "metrics.json").read_text())
+    for key in ("loss", "l_direct", "l_z", "val_ndcg@6"):
+        assert whole["history"][key][done_epochs:] == pytest.approx(result["history"][key], rel=1e-5, abs=1e-6), key
+    assert whole["best_epoch"] == result["best_epoch"]
+    for split in ("valid", "test"):
+        for key, value in whole[split].items():
+            assert result[split][key] == pytest.approx(value, rel=1e-5, abs=1e-6), (split, key)
+
 
 def test_config_errors_name_the_key(synthetic_data, tmp_path, capsys):
     data_dir, _ = synthetic_data
