@@ -7,7 +7,7 @@ from typing import Literal
 
 from dnr_tf.config_io import check
 
-BACKBONES = ("prm", "dnn")
+BACKBONES = ("prm", "dnn", "dlcm", "setrank", "mir", "sasrec", "gru4rec", "caser")
 SCORE_FEEDS = ("none", "concat", "add", "weight")
 
 
@@ -16,8 +16,9 @@ class ModelConfig:
     """The reranker backbone.
 
     Attributes:
-        backbone: `prm` (transformer over the list, the paper's main backbone) or `dnn`
-            (pointwise MLP, MiDNN-like: no list context).
+        backbone: `prm` (transformer over the list, the paper's main backbone), `dnn` (pointwise
+            MLP, MiDNN-like: no list context), or one of the other rerankers of the paper's table 1:
+            `dlcm`, `setrank`, `mir`, `sasrec`, `gru4rec`, `caser` (`dnr_tf/backbones/`).
         score_feed: how the retriever score enters (paper table 2): `none`, `concat` (c score),
             `add` (+ score, projected and added), `weight` (w score, scales the item input).
         embedding_dim: item embedding size.
@@ -29,9 +30,14 @@ class ModelConfig:
         dropout: dropout rate.
         use_position: learned position embedding of the retriever order (prm); off, the score
             is the reranker's only view of the retriever's order.
+        num_inducing: inducing points of each induced self-attention block (setrank).
+        caser_window: the last L history items Caser convolves (caser).
+        caser_heights: heights of Caser's horizontal filters (caser).
+        caser_filters: horizontal filters of each height (caser).
+        caser_vertical: vertical filters (caser).
     """
 
-    backbone: Literal["prm", "dnn"] = "prm"
+    backbone: Literal["prm", "dnn", "dlcm", "setrank", "mir", "sasrec", "gru4rec", "caser"] = "prm"
     score_feed: Literal["none", "concat", "add", "weight"] = "concat"
     embedding_dim: int = 64
     hidden_dim: int = 64
@@ -41,6 +47,11 @@ class ModelConfig:
     dnn_layers: tuple[int, ...] = (128, 64)
     dropout: float = 0.1
     use_position: bool = True
+    num_inducing: int = 16
+    caser_window: int = 5
+    caser_heights: tuple[int, ...] = (1, 2, 3)
+    caser_filters: int = 16
+    caser_vertical: int = 4
 
     def validate(self) -> None:
         check(self.embedding_dim > 0, "model.embedding_dim", "must be positive")
@@ -48,6 +59,12 @@ class ModelConfig:
         check(self.hidden_dim % self.num_heads == 0, "model.hidden_dim", "must be a multiple of model.num_heads")
         check(0.0 <= self.dropout < 1.0, "model.dropout", "must be in [0, 1)")
         check(self.num_layers >= 1, "model.num_layers", "must be >= 1")
+        check(self.num_inducing >= 1, "model.num_inducing", "must be >= 1")
+        check(
+            all(1 <= h <= self.caser_window for h in self.caser_heights),
+            "model.caser_heights",
+            "must be in [1, model.caser_window]",
+        )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -225,6 +225,11 @@ def test_configs_for_every_variant_load():
         "ml100k_b_wo_adv",
         "ml100k_b_wo_x",
         "ml100k_dnn_concat",
+        *(
+            f"ml100k_{bb}_{kind}"
+            for bb in ("dlcm", "setrank", "mir", "sasrec", "gru4rec", "caser")
+            for kind in ("concat", "dnr_b")
+        ),
         "smoke",
     ):
         assert required in names
