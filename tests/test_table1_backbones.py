@@ -113,3 +113,27 @@ def test_learns_past_the_retriever_order(synthetic_data, tmp_path, backbone):
     stats = json.loads((data_dir / "stats.json").read_text())
     retriever = stats["splits"]["valid"]["retriever_order"]["ndcg@6"]
     assert result["valid"]["ndcg@6"] > retriever, (result["valid"]["ndcg@6"], retriever)
+
+
+@pytest.mark.parametrize("backbone", NEW)
+def test_exports_and_serves_like_the_in_memory_model(synthetic_data, tmp_path, backbone):
+    import tensorflow as tf
+
+    from dnr_tf import config_io
+    from dnr_tf import schema as schema_lib
+    from dnr_tf.config import ExperimentConfig
+    from dnr_tf.export import export_model
+    from dnr_tf.train import build_model, datasets, read_vocab
+
+    data_dir = str(synthetic_data[0])
+    schema = schema_lib.load_schema(data_dir)
+    data = config_io.apply_overrides(config_io.load_yaml("configs/smoke.yaml"), [f"model.backbone={backbone}"])
+    cfg = config_io.from_dict(ExperimentConfig, data)
+    features, _ = next(iter(datasets(data_dir, cfg, schema)[2]))
+    model = build_model(cfg, read_vocab(data_dir), schema, features)
+    path = export_model(model, str(tmp_path / "saved"), k=cfg.train.k, list_size=schema.list_size)
+    served = tf.saved_model.load(path).signatures["predict_lists"](**{k: features[k] for k in features})
+    logits = np.asarray(model(features))
+    mask = features[S.ITEM_IDS].numpy() != 0
+    expected = np.where(mask, 1 / (1 + np.exp(-logits)), 0.0)
+    np.testing.assert_allclose(served["scores"].numpy(), expected, atol=1e-5)
