@@ -7,7 +7,7 @@ from typing import Literal
 
 from dnr_tf.config_io import check
 
-BACKBONES = ("prm", "dnn", "dlcm", "setrank", "mir", "sasrec", "gru4rec", "caser")
+BACKBONES = ("prm", "dnn", "dlcm", "setrank", "mir", "sasrec", "gru4rec", "caser", "geneval")
 SCORE_FEEDS = ("none", "concat", "add", "weight")
 
 
@@ -18,7 +18,7 @@ class ModelConfig:
     Attributes:
         backbone: `prm` (transformer over the list, the paper's main backbone), `dnn` (pointwise
             MLP, MiDNN-like: no list context), or one of the other rerankers of the paper's table 1:
-            `dlcm`, `setrank`, `mir`, `sasrec`, `gru4rec`, `caser` (`dnr_tf/backbones/`).
+            `dlcm`, `setrank`, `mir`, `sasrec`, `gru4rec`, `caser`, `geneval` (`dnr_tf/backbones/`).
         score_feed: how the retriever score enters (paper table 2): `none`, `concat` (c score),
             `add` (+ score, projected and added), `weight` (w score, scales the item input).
         embedding_dim: item embedding size.
@@ -35,9 +35,13 @@ class ModelConfig:
         caser_heights: heights of Caser's horizontal filters (caser).
         caser_filters: horizontal filters of each height (caser).
         caser_vertical: vertical filters (caser).
+        geneval_k: length of the lists the generator proposes and the evaluator scores (geneval).
+        geneval_proposals: lists proposed at inference, the greedy one included (geneval).
+        geneval_train_samples: lists drawn per request to train the evaluator, besides the greedy
+            one (geneval).
     """
 
-    backbone: Literal["prm", "dnn", "dlcm", "setrank", "mir", "sasrec", "gru4rec", "caser"] = "prm"
+    backbone: Literal["prm", "dnn", "dlcm", "setrank", "mir", "sasrec", "gru4rec", "caser", "geneval"] = "prm"
     score_feed: Literal["none", "concat", "add", "weight"] = "concat"
     embedding_dim: int = 64
     hidden_dim: int = 64
@@ -52,6 +56,9 @@ class ModelConfig:
     caser_heights: tuple[int, ...] = (1, 2, 3)
     caser_filters: int = 16
     caser_vertical: int = 4
+    geneval_k: int = 6
+    geneval_proposals: int = 4
+    geneval_train_samples: int = 2
 
     def validate(self) -> None:
         check(self.embedding_dim > 0, "model.embedding_dim", "must be positive")
@@ -60,6 +67,9 @@ class ModelConfig:
         check(0.0 <= self.dropout < 1.0, "model.dropout", "must be in [0, 1)")
         check(self.num_layers >= 1, "model.num_layers", "must be >= 1")
         check(self.num_inducing >= 1, "model.num_inducing", "must be >= 1")
+        check(self.geneval_k >= 1, "model.geneval_k", "must be >= 1")
+        check(self.geneval_proposals >= 1, "model.geneval_proposals", "must be >= 1")
+        check(self.geneval_train_samples >= 0, "model.geneval_train_samples", "must be >= 0")
         check(
             all(1 <= h <= self.caser_window for h in self.caser_heights),
             "model.caser_heights",

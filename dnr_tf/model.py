@@ -16,6 +16,8 @@ Per batch (paper algorithm 1):
 Cost (docs/performance.md): the real and the generated lists go through the reranker in one call,
 stacked along the batch (`train.fused_step`); with `dnr.generator_update: simultaneous` the
 generator's gradient comes from that same forward and backward pass (`compute_step`).
+A backbone with an `auxiliary_loss` (the generator-evaluator's evaluator) adds it to the reranker's
+loss, on the real x.
 With `dnr.enabled` off the model is a plain reranker trained on L_direct (PRM and its c/+/w score
 feeds train through the same code).
 """
@@ -28,6 +30,7 @@ from keras import ops
 
 from dnr_tf import schema as S
 from dnr_tf.backbones import build_backbone
+from dnr_tf.backbones.base import masked_bce
 from dnr_tf.config import ExperimentConfig
 from dnr_tf.metrics import RankingMetrics
 from dnr_tf.noise import GeneratorSampler, HeuristicSampler
@@ -36,14 +39,6 @@ LOSS_TERMS = ("loss", "l_direct", "l_z", "l_adv", "l_x")
 # What `nonfinite_counts` counts, in its order (how the messages name them).
 NONFINITE_TERMS = ("L_direct", "L_z", "L_adv", "L_x'", "the reranker's gradients", "the generator's gradients")
 _LOG_EPS = 1e-6
-
-
-def masked_bce(z, logits, mask):
-    """Mean binary cross-entropy over unpadded candidates; z, logits, mask `[batch, list_size]`."""
-    maskf = ops.cast(mask, "float32")
-    safe_logits = ops.where(mask, logits, 0.0)
-    bce = ops.binary_crossentropy(z, safe_logits, from_logits=True)
-    return ops.sum(bce * maskf) / ops.maximum(ops.sum(maskf), 1.0)
 
 
 def targets(labels):
@@ -235,6 +230,9 @@ class DNRModel(keras.Model):
             else:
                 l_direct, l_z, logits, mask, z = self._reranker_losses(features, labels, training=True)
             loss = l_direct + dnr.lambda_m * l_z if dnr.enabled else l_direct
+            auxiliary = getattr(self.reranker, "auxiliary_loss", None)
+            if auxiliary is not None:  # a backbone's own extra term (the generator-evaluator's evaluator)
+                loss = loss + auxiliary(features, labels, training=True)
             objective = loss + dnr.weight_x * l_x if simultaneous and dnr.use_x_reg else loss
         variables = self.reranker.trainable_variables
         gen_vars = self.generator.trainable_variables if simultaneous else []

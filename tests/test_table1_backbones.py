@@ -14,7 +14,7 @@ from dnr_tf.backbones import build_backbone
 from dnr_tf.backbones.base import PADDING_LOGIT
 from dnr_tf.config import ModelConfig
 
-NEW = ["dlcm", "setrank", "mir", "sasrec", "gru4rec", "caser"]
+NEW = ["dlcm", "setrank", "mir", "sasrec", "gru4rec", "caser", "geneval"]
 VOCAB = list(range(1, 41))
 
 
@@ -137,3 +137,37 @@ def test_exports_and_serves_like_the_in_memory_model(synthetic_data, tmp_path, b
     mask = features[S.ITEM_IDS].numpy() != 0
     expected = np.where(mask, 1 / (1 + np.exp(-logits)), 0.0)
     np.testing.assert_allclose(served["scores"].numpy(), expected, atol=1e-5)
+
+
+def test_geneval_shows_a_proposed_list_and_trains_its_evaluator(synthetic_data):
+    from dnr_tf import config_io
+    from dnr_tf import schema as schema_lib
+    from dnr_tf.config import ExperimentConfig
+    from dnr_tf.train import build_model, datasets, read_vocab
+
+    rng = np.random.default_rng(3)
+    model = _model("geneval")
+    features = _features(rng)
+    logits = np.asarray(model(features))
+    g = np.asarray(model.generator(features))
+    mask = features[S.ITEM_IDS] > 0
+    for row in range(4):
+        real = np.flatnonzero(mask[row])
+        shown = real[np.argsort(-logits[row, real], kind="stable")][:6]
+        rest = np.setdiff1d(real, shown)
+        assert logits[row, shown].min() > logits[row, rest].max() if len(rest) else True
+        np.testing.assert_allclose(logits[row, rest], g[row, rest], atol=1e-6)  # the others keep g
+    np.testing.assert_array_equal(np.asarray(model(features)), logits)  # deterministic at inference
+
+    data_dir = str(synthetic_data[0])
+    schema = schema_lib.load_schema(data_dir)
+    data = config_io.apply_overrides(config_io.load_yaml("configs/smoke.yaml"), ["model.backbone=geneval"])
+    cfg = config_io.from_dict(ExperimentConfig, data)
+    feats, labels = next(iter(datasets(data_dir, cfg, schema)[0]))
+    dnr = build_model(cfg, read_vocab(data_dir), schema, feats)
+    evaluator = dnr.reranker.click.kernel
+    before = evaluator.numpy().copy()
+    aux = float(dnr.reranker.auxiliary_loss(feats, labels))
+    assert np.isfinite(aux) and aux > 0
+    dnr.train_step((feats, labels))
+    assert not np.allclose(before, evaluator.numpy()), "the evaluator is trained through the auxiliary loss"

@@ -227,7 +227,7 @@ def test_configs_for_every_variant_load():
         "ml100k_dnn_concat",
         *(
             f"ml100k_{bb}_{kind}"
-            for bb in ("dlcm", "setrank", "mir", "sasrec", "gru4rec", "caser")
+            for bb in ("dlcm", "setrank", "mir", "sasrec", "gru4rec", "caser", "geneval")
             for kind in ("concat", "dnr_b")
         ),
         "smoke",

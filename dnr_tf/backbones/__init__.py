@@ -10,10 +10,12 @@
 | `sasrec` | SASRec (Kang & McAuley, ICDM 2018) | sequential.py |
 | `gru4rec` | GRU4Rec (Hidasi et al., ICLR 2016) | sequential.py |
 | `caser` | Caser (Tang & Wang, WSDM 2018) | sequential.py |
+| `geneval` | generator-evaluator, EG-Rerank / PIER-like (Huzhang et al. 2021; Shi et al. 2023) | geneval.py |
 """
 
 from dnr_tf.backbones.dlcm import DLCM
 from dnr_tf.backbones.dnn import PointwiseDNN
+from dnr_tf.backbones.geneval import GeneratorEvaluator
 from dnr_tf.backbones.mir import MIR
 from dnr_tf.backbones.prm import PRM
 from dnr_tf.backbones.sequential import Caser, GRU4Rec, SASRec
@@ -28,6 +30,7 @@ BACKBONES = {
     "sasrec": SASRec,
     "gru4rec": GRU4Rec,
     "caser": Caser,
+    "geneval": GeneratorEvaluator,
 }
 
 

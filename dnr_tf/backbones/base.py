@@ -50,6 +50,14 @@ class ItemEmbedding(keras.layers.Layer):
         return {**super().get_config(), "vocabulary": self.vocabulary, "dim": self.dim}
 
 
+def masked_bce(z, logits, mask):
+    """Mean binary cross-entropy over unpadded candidates; z, logits, mask `[batch, list_size]`."""
+    maskf = ops.cast(mask, "float32")
+    safe_logits = ops.where(mask, logits, 0.0)
+    bce = ops.binary_crossentropy(z, safe_logits, from_logits=True)
+    return ops.sum(bce * maskf) / ops.maximum(ops.sum(maskf), 1.0)
+
+
 def masked_mean(values, mask):
     """Mean of `values` `[batch, n, d]` over positions where `mask` `[batch, n]` holds."""
     weights = ops.cast(ops.expand_dims(mask, -1), values.dtype)
