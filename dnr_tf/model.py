@@ -132,6 +132,14 @@ class DNRModel(keras.Model):
         # Sub-models build on their first call (build_all); nothing to create here.
         pass
 
+    def load_own_variables(self, store):
+        """Loads `sampler_phase` and the non-finite counters; weights saved before the counters
+        existed (they hold `sampler_phase` alone) load with the counters at 0."""
+        if len(store.keys()) == 1:
+            self.sampler_phase.assign(store["0"])
+            return
+        super().load_own_variables(store)
+
     def call(self, features, training=False):
         return self.reranker(features, training=training)
 

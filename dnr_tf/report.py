@@ -132,6 +132,41 @@ def table(groups, baselines, dataset: str, tag: str) -> tuple[list[str], list[di
     return lines, data
 
 
+def own_backbone_lines(groups, dataset: str) -> tuple[list[str], list[dict]]:
+    """DNR-B against the same reranker trained directly: rows `<x>_dnr_b` and `<x>_concat`, paired by seed."""
+    names = {name: runs for (ds, name), runs in groups.items() if ds == dataset}
+    pairs = [
+        (n[: -len("_dnr_b")], n) for n in names if n.endswith("_dnr_b") and n[: -len("_dnr_b")] + "_concat" in names
+    ]
+    if not pairs:
+        return [], []
+    lines = [
+        "| reranker | seeds | direct (c score) | DNR-B | DNR-B - direct | p (t, seeds) | p (bootstrap, lists) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    data = []
+    for base, dnr_name in sorted(pairs):
+        direct, dnr = names[base + "_concat"], names[dnr_name]
+        seeds = sorted({r["seed"] for r in direct} & {r["seed"] for r in dnr})
+        direct = [r for r in direct if r["seed"] in seeds]
+        dnr = [r for r in dnr if r["seed"] in seeds]
+        a = {r["seed"]: r["test"]["ndcg@6"] for r in direct}
+        b = {r["seed"]: r["test"]["ndcg@6"] for r in dnr}
+        diff = float(np.mean([b[k] - a[k] for k in seeds]))
+        p_t, p_b = paired_t(b, a), paired_bootstrap(dnr, direct)
+        lines.append(
+            f"| {base} | {len(seeds)} | {_fmt(list(a.values()))} | {_fmt(list(b.values()))} | {diff:+.4f} | "
+            f"{_p(p_t)} | {_p(p_b)} |"
+        )
+        data.append({"reranker": base, "seeds": len(seeds), "diff": diff, "p_ttest": p_t, "p_bootstrap": p_b})
+    lines.append(
+        "\nTest NDCG@6, mean ± std over the seeds both rows have; each DNR-B row is paired with the same "
+        "reranker trained directly (same seeds, same lists). `prm_i8` is PRM rerun with the code of the other "
+        "rows of this table (issue 8)."
+    )
+    return lines, data
+
+
 def robustness_lines(groups, dataset: str) -> list[str]:
     runs = [(name, rs) for (ds, name), rs in groups.items() if ds == dataset and rs[0].get("robustness")]
     if not runs:
@@ -305,6 +340,10 @@ def write_report(summary: dict, out: str, results_md: str | None = None) -> str:
             if tlines:
                 lines += [f"### {title}", "", *tlines, ""]
                 tables[f"{ds}/{tag}"] = tdata
+        own, own_data = own_backbone_lines(groups, ds)
+        if own:
+            lines += ["### DNR-B against each reranker trained directly", "", *own, ""]
+            tables[f"{ds}/own_backbone"] = own_data
         rob = robustness_lines(groups, ds)
         if rob:
             lines += ["### Robustness: NDCG@6 drop on test with perturbed retriever scores", "", *rob, ""]

@@ -154,3 +154,16 @@ def test_export_refuses_non_finite_weights(synthetic_data, tmp_path):
     with pytest.raises(ValueError, match=f"non-finite weights \\({kernel.path}"):
         export_model(model, str(tmp_path / "saved"), k=6, list_size=schema.list_size)
     assert not (tmp_path / "saved").exists() or not any((tmp_path / "saved").iterdir())
+
+
+def test_weights_saved_before_the_counters_still_load(synthetic_data):
+    data_dir = str(synthetic_data[0])
+    schema = schema_lib.load_schema(data_dir)
+    cfg = _cfg()
+    features, _ = next(iter(datasets(data_dir, cfg, schema)[0]))
+    model = build_model(cfg, read_vocab(data_dir), schema, features)
+    model.nonfinite_counts.assign([1, 0, 0, 0, 0, 0])
+    model.load_own_variables({"0": np.array(1, np.int32)})  # what a run of issues 3-6 saved for the model
+    assert int(model.sampler_phase.numpy()) == 1
+    with pytest.raises(ValueError):
+        model.load_own_variables({"0": np.array(1), "1": np.zeros(6), "2": np.array(0), "3": np.array(0)})
