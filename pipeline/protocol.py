@@ -43,6 +43,7 @@ class Retriever:
     item_emb: np.ndarray
     item_bias: np.ndarray
     global_bias: float
+    chunk_size: int = 65_536
 
     def logits(self, user_vec: np.ndarray, user_bias: float) -> np.ndarray:
         """`[num_items]` logits of one user over the whole catalogue."""
@@ -54,25 +55,37 @@ class Retriever:
         user_bias: float,
         exclude: set[int],
         k: int,
-        must_exclude_idx: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """The `k` best items for a user, excluding raw ids in `exclude`.
+
+        The catalogue is scored `chunk_size` items at a time, keeping the best `k` so far, so a
+        request never holds more than one chunk of scores (a catalogue of millions of items).
 
         Returns:
             (raw item ids `[k']`, scores in (0, 1) `[k']`), best first, k' <= k; ties broken by
             table order so the result is deterministic.
         """
-        logits = self.logits(user_vec, user_bias).astype(np.float64)
-        if exclude:
-            mask = np.isin(self.item_ids, np.fromiter(exclude, np.int64, len(exclude)))
-            logits[mask] = -np.inf
-        available = int(np.isfinite(logits).sum())
-        k = min(k, available)
         if k <= 0:
             return np.zeros(0, np.int64), np.zeros(0, np.float32)
-        part = np.argpartition(-logits, k - 1)[:k] if k < len(logits) else np.arange(len(logits))
-        order = part[np.lexsort((part, -logits[part]))]
-        return self.item_ids[order], sigmoid(logits[order]).astype(np.float32)
+        excluded = np.fromiter(exclude, np.int64, len(exclude)) if exclude else None
+        best_idx, best_logit = np.zeros(0, np.int64), np.zeros(0, np.float64)
+        for start in range(0, len(self.item_ids), self.chunk_size):
+            stop = min(start + self.chunk_size, len(self.item_ids))
+            chunk = self.item_emb[start:stop] @ user_vec + self.item_bias[start:stop] + user_bias + self.global_bias
+            logits = chunk.astype(np.float64)  # the same arithmetic as `logits`, chunk by chunk
+            if excluded is not None:
+                logits[np.isin(self.item_ids[start:stop], excluded)] = -np.inf
+            idx = np.concatenate([best_idx, np.arange(start, stop)])
+            val = np.concatenate([best_logit, logits])
+            idx, val = idx[np.isfinite(val)], val[np.isfinite(val)]
+            if len(idx) > k:
+                # The k best by (logit desc, table order asc): everything at or above the k-th
+                # value (a partition), then the exact cut among those.
+                kth = np.partition(val, len(val) - k)[len(val) - k]
+                idx, val = idx[val >= kth], val[val >= kth]
+            best_idx, best_logit = idx, val
+        order = np.lexsort((best_idx, -best_logit))[:k]
+        return self.item_ids[best_idx[order]], sigmoid(best_logit[order]).astype(np.float32)
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
