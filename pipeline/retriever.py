@@ -21,7 +21,9 @@ from pipeline.config import RetrieverConfig
 from pipeline.protocol import Retriever
 
 log = logging.getLogger(__name__)
-TABLES = "mf.npz"
+TABLES = "mf.npz"  # the item table (and the global bias): the side input of candidate generation
+USER_ROWS = "user_rows"  # user_rows-SSSSS-of-NNNNN.jsonl.gz: one user a line, joined by key in stage 2
+USERS_PER_SHARD = 100_000
 
 
 def read_pairs(path: str, users: np.ndarray, items: np.ndarray) -> np.ndarray:
@@ -183,6 +185,10 @@ def _auc(pattern, users, items, logits, seed, block: int) -> float:
 
 
 def save(retriever: Retriever, user_tables: dict, metrics: dict, directory: str) -> None:
+    """Writes the item table (`mf.npz`) and the user rows (`user_rows-*.jsonl.gz`, one user a line:
+    `[user id, bias, [embedding]]`), which stage 2 joins to the timelines by user instead of loading."""
+    import gzip
+
     import tensorflow as tf
 
     tf.io.gfile.makedirs(directory)
@@ -193,26 +199,38 @@ def save(retriever: Retriever, user_tables: dict, metrics: dict, directory: str)
         item_emb=retriever.item_emb,
         item_bias=retriever.item_bias,
         global_bias=np.float32(retriever.global_bias),
-        **user_tables,
     )
     with tf.io.gfile.GFile(os.path.join(directory, TABLES), "wb") as f:
         f.write(buffer.getvalue())
+    ids, emb, bias = user_tables["user_ids"], user_tables["user_emb"], user_tables["user_bias"]
+    shards = max(1, -(-len(ids) // USERS_PER_SHARD))
+    for shard in range(shards):
+        rows = range(shard * USERS_PER_SHARD, min((shard + 1) * USERS_PER_SHARD, len(ids)))
+        # float(np.float32) and back is exact: stage 2 sees the very same float32 values.
+        text = "".join(json.dumps([int(ids[j]), float(bias[j]), [float(v) for v in emb[j]]]) + "\n" for j in rows)
+        path = os.path.join(directory, f"{USER_ROWS}-{shard:05d}-of-{shards:05d}.jsonl.gz")
+        with tf.io.gfile.GFile(path, "wb") as f:
+            f.write(gzip.compress(text.encode(), mtime=0))
     with tf.io.gfile.GFile(os.path.join(directory, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
 
 
-def load(directory: str) -> tuple[Retriever, dict]:
-    """Loads the tables that `save` wrote (works for any Beam-readable path)."""
+def parse_user_row(line: str) -> tuple[int, tuple[np.ndarray, float]]:
+    """(user id, (embedding float32, bias)) from a line of `user_rows-*.jsonl.gz`."""
+    user, bias, emb = json.loads(line)
+    return int(user), (np.asarray(emb, np.float32), float(np.float32(bias)))
+
+
+def load(directory: str) -> Retriever:
+    """Loads the item table that `save` wrote (works for any Beam-readable path)."""
     from apache_beam.io.filesystems import FileSystems
 
     with FileSystems.open(os.path.join(directory, TABLES)) as f:
         data = np.load(io.BytesIO(f.read()))
         arrays = {k: data[k] for k in data.files}
-    retriever = Retriever(
+    return Retriever(
         item_ids=arrays["item_ids"],
         item_emb=arrays["item_emb"],
         item_bias=arrays["item_bias"],
         global_bias=float(arrays["global_bias"]),
     )
-    users = {"user_ids": arrays["user_ids"], "user_emb": arrays["user_emb"], "user_bias": arrays["user_bias"]}
-    return retriever, users

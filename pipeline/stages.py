@@ -222,16 +222,18 @@ class _BuildLists(beam.DoFn):
     def setup(self):
         from pipeline import retriever as mf
 
-        self._retriever, users = mf.load(self._dir)
-        self._row = {int(u): j for j, u in enumerate(users["user_ids"])}
-        self._user_emb = users["user_emb"]
-        self._user_bias = users["user_bias"]
+        self._retriever = mf.load(self._dir)  # the item table only; user rows come joined by key
 
-    def process(self, line):
+    def process(self, kv):
         cfg = self._cfg
-        user, timeline = timeline_from_json(line)
-        row = self._row[user]
-        vec, bias = self._user_emb[row], float(self._user_bias[row])
+        user, joined = kv
+        lines, rows = list(joined["timeline"]), list(joined["user"])
+        if not lines:
+            return  # a user of the retriever's window without a timeline (cannot happen: both come from stage 1)
+        if len(lines) != 1 or len(rows) != 1:
+            raise ValueError(f"user {user}: {len(lines)} timelines and {len(rows)} retriever rows (expected 1 and 1)")
+        _, timeline = timeline_from_json(lines[0])
+        vec, bias = rows[0]
         if cfg.protocol == "cascade":
             records, counts = protocol.cascade_lists(
                 user,
@@ -263,9 +265,22 @@ class _BuildLists(beam.DoFn):
 
 def lists_stage(p, cfg: PipelineConfig, output_dir: str, retriever_dir: str, schema: S.RecordSchema) -> None:
     """Stage 2 of the interaction sources."""
-    built = (
+    from pipeline import retriever as mf
+
+    timelines = (
         p
         | "ReadTimelines" >> beam.io.ReadFromText(work_path(output_dir, "timelines-*.jsonl.gz"))
+        | "KeyTimelines" >> beam.Map(lambda line: (json.loads(line)["user"], line))
+    )
+    users = (
+        p
+        | "ReadUserRows" >> beam.io.ReadFromText(os.path.join(retriever_dir, f"{mf.USER_ROWS}-*.jsonl.gz"))
+        | "ParseUserRows" >> beam.Map(mf.parse_user_row)
+    )
+    # Each worker holds one user's timeline and row at a time, never the user table.
+    built = (
+        {"timeline": timelines, "user": users}
+        | "JoinUsers" >> beam.CoGroupByKey()
         | "BuildLists" >> beam.ParDo(_BuildLists(cfg, retriever_dir)).with_outputs("counts", main="records")
     )
     counts = built.counts | "SumListCounts" >> beam.CombinePerKey(sum)

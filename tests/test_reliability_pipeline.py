@@ -79,6 +79,13 @@ def clean_and_corrupt(tmp_path_factory):
     return {"rows": rows, "bad_file": bad, "where": where, **out}
 
 
+def _user_rows(out):
+    """The retriever's user table as written for stage 2 (decompressed)."""
+    import gzip
+
+    return [gzip.decompress(p.read_bytes()) for p in sorted((out / "retriever").glob("user_rows-*.jsonl.gz"))]
+
+
 def run(args):
     from pipeline.run import run as run_pipeline
 
@@ -94,6 +101,7 @@ def test_good_records_of_a_corrupt_file_are_identical_to_the_clean_run(clean_and
     a, b = np.load(c["out_clean"] / "retriever" / "mf.npz"), np.load(c["out_bad"] / "retriever" / "mf.npz")
     for key in a.files:
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    assert _user_rows(c["out_clean"]) == _user_rows(c["out_bad"])
 
 
 def test_every_corpus_kind_has_its_outcome(clean_and_corrupt):

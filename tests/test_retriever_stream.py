@@ -66,5 +66,9 @@ def test_one_and_two_workers_give_the_same_retriever_and_lists(tmp_path, shuffle
     a, b = np.load(one / "retriever" / "mf.npz"), np.load(two / "retriever" / "mf.npz")
     for key in a.files:
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    rows = [
+        [gzip.decompress(p.read_bytes()) for p in sorted((d / "retriever").glob("user_rows-*"))] for d in (one, two)
+    ]
+    assert rows[0] == rows[1] and rows[0], "the same user table"
     assert _decoded(one, 20, 5)[0] == _decoded(two, 20, 5)[0]
     assert stats["retriever"]["auc_heldout"] > 0.5
