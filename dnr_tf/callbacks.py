@@ -98,10 +98,11 @@ class NonFiniteLoss(RuntimeError):
 
 
 class NonFiniteGuard(keras.callbacks.Callback):
-    """Acts on the steps `DNRModel.train_step` refused to apply because a term was not finite.
+    """Acts, at the end of each epoch, on the steps `DNRModel.train_step` refused to apply because a
+    term was not finite (checked once an epoch: a per-batch check would sync every step).
 
-    `stop`: raises `NonFiniteLoss` naming the term(s), the epoch and the step, at the first one.
-    `skip`: lets the run go on and prints, at the end of an epoch that had some, how many and why.
+    `stop`: raises `NonFiniteLoss` naming the term(s), the epoch and how many steps were skipped.
+    `skip`: lets the run go on and prints how many and why.
     Either way no non-finite update reached the weights.
     """
 
@@ -111,7 +112,6 @@ class NonFiniteGuard(keras.callbacks.Callback):
             raise ValueError(f"unknown train.on_nonfinite {policy!r}")
         self.policy = policy
         self._seen = None
-        self._epoch = 0
 
     def _counts(self):
         return [int(v) for v in self.model.nonfinite_counts.numpy()]
@@ -119,36 +119,25 @@ class NonFiniteGuard(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         self._seen = self._counts()
 
-    def on_epoch_begin(self, epoch, logs=None):
-        self._epoch = epoch
-
-    def _new(self):
+    def on_epoch_end(self, epoch, logs=None):
         from dnr_tf.model import NONFINITE_TERMS
 
         counts = self._counts()
         new = {name: now - before for name, now, before in zip(NONFINITE_TERMS, counts, self._seen) if now > before}
         self._seen = counts
-        return new
-
-    def on_train_batch_end(self, batch, logs=None):
-        if self.policy != "stop":
+        if not new:
             return
-        new = self._new()
-        if new:
-            self.model.stop_training = True
-            raise NonFiniteLoss(
-                f"{' and '.join(new)} not finite at epoch {self._epoch + 1}, step {batch + 1}: the step was not "
-                "applied and the run stops (train.on_nonfinite=stop). The last epoch's backup and the best weights "
-                "are intact. Lower train.learning_rate, check the data, or set train.on_nonfinite=skip to skip "
-                "such steps and count them."
-            )
-
-    def on_epoch_end(self, epoch, logs=None):
+        detail = ", ".join(f"{name} {n}" for name, n in new.items())
         if self.policy == "skip":
-            new = self._new()
-            if new:
-                detail = ", ".join(f"{name} {n}" for name, n in new.items())
-                print(f"warning: epoch {epoch + 1}: steps skipped for non-finite values ({detail})", flush=True)
+            print(f"warning: epoch {epoch + 1}: steps skipped for non-finite values ({detail})", flush=True)
+            return
+        self.model.stop_training = True
+        raise NonFiniteLoss(
+            f"{' and '.join(new)} not finite in epoch {epoch + 1} (steps not applied: {detail}); the run stops "
+            "(train.on_nonfinite=stop). No non-finite update reached the weights, and the best weights are "
+            "intact. Lower train.learning_rate, check the data, or set train.on_nonfinite=skip to skip such "
+            "steps and count them."
+        )
 
 
 class RngStateBackup(keras.callbacks.Callback):

@@ -240,7 +240,7 @@ class DNRModel(keras.Model):
             loss = l_direct + dnr.lambda_m * l_z if dnr.enabled else l_direct
             auxiliary = getattr(self.reranker, "auxiliary_loss", None)
             if auxiliary is not None:  # a backbone's own extra term (the generator-evaluator's evaluator)
-                loss = loss + auxiliary(features, labels, training=True)
+                loss = loss + auxiliary(features, labels, logits, training=True)
             objective = loss + dnr.weight_x * l_x if simultaneous and dnr.use_x_reg else loss
         variables = self.reranker.trainable_variables
         gen_vars = self.generator.trainable_variables if simultaneous else []

@@ -167,7 +167,7 @@ def test_geneval_shows_a_proposed_list_and_trains_its_evaluator(synthetic_data):
     dnr = build_model(cfg, read_vocab(data_dir), schema, feats)
     evaluator = dnr.reranker.click.kernel
     before = evaluator.numpy().copy()
-    aux = float(dnr.reranker.auxiliary_loss(feats, labels))
+    aux = float(dnr.reranker.auxiliary_loss(feats, labels, dnr.reranker(feats, training=True)))
     assert np.isfinite(aux) and aux > 0
     dnr.train_step((feats, labels))
     assert not np.allclose(before, evaluator.numpy()), "the evaluator is trained through the auxiliary loss"

@@ -94,9 +94,13 @@ class GeneratorEvaluator(keras.layers.Layer):
         logits = tf.tensor_scatter_nd_update(g, index, tf.where(valid, rank_logits, tf.gather_nd(g, index)))
         return ops.where(mask, logits, PADDING_LOGIT)
 
-    def auxiliary_loss(self, features, labels, training=True):
-        """The evaluator's BCE on lists drawn from the generator (the greedy one and samples)."""
-        g = self.generator(features, training=training)
+    def auxiliary_loss(self, features, labels, logits, training=True):
+        """The evaluator's BCE on lists drawn from the generator (the greedy one and samples).
+
+        `logits` are this layer's training output on `features` (the generator's g): reused, not
+        recomputed.
+        """
+        g = logits
         h, mask = self.encoder(features)
         z = ops.cast(ops.equal(labels, 1), "float32")
         proposals = self._proposals(g, mask, 1 + self.train_samples, self.sample_seed)
