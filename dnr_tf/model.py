@@ -249,12 +249,13 @@ class DNRModel(keras.Model):
         losses.update(logits=logits, mask=mask, z=z)
         return losses, grads[: len(variables)], (grads[len(variables) :] if simultaneous else None)
 
-    def _apply_if_finite(self, optimizer, grads, variables, flags):
-        """Applies the update only when every flag holds; counts the flags that do not."""
+    def _apply_if_finite(self, optimizer, grads, variables, flags, count=True):
+        """Applies the update only when every flag holds; counts the flags that do not (once a step)."""
         ok = tf.reduce_all(tf.stack([f for _, f in flags]))
-        index = [NONFINITE_TERMS.index(name) for name, _ in flags]
-        bad = tf.cast(tf.logical_not(tf.stack([f for _, f in flags])), "int32")
-        self.nonfinite_counts.assign_add(tf.scatter_nd(tf.constant(index)[:, None], bad, [len(NONFINITE_TERMS)]))
+        if count:
+            index = [NONFINITE_TERMS.index(name) for name, _ in flags]
+            bad = tf.cast(tf.logical_not(tf.stack([f for _, f in flags])), "int32")
+            self.nonfinite_counts.assign_add(tf.scatter_nd(tf.constant(index)[:, None], bad, [len(NONFINITE_TERMS)]))
 
         def apply():
             optimizer.apply(grads, variables)
@@ -285,7 +286,9 @@ class DNRModel(keras.Model):
         l_adv, l_x = losses["l_adv"], losses["l_x"]
         extra_generator_steps = 0
         if gen_grads is not None:
-            self._apply_if_finite(self.generator_optimizer, gen_grads, self.generator.trainable_variables, flags)
+            self._apply_if_finite(
+                self.generator_optimizer, gen_grads, self.generator.trainable_variables, flags, count=False
+            )
             extra_generator_steps = dnr.generator_steps - 1
         elif self._model_phase and dnr.trains_generator:
             extra_generator_steps = dnr.generator_steps

@@ -32,11 +32,15 @@ def _weights(variables):
     return [np.array(v.numpy()) for v in variables]
 
 
-@pytest.mark.parametrize("model_phase", [False, True], ids=["heuristic", "model_based"])
-def test_a_nan_batch_is_not_applied_and_is_counted_by_term(synthetic_data, model_phase):
+@pytest.mark.parametrize(
+    "model_phase,update",
+    [(False, "alternating"), (True, "alternating"), (True, "simultaneous")],
+    ids=["heuristic", "model_based", "model_based_simultaneous"],
+)
+def test_a_nan_batch_is_not_applied_and_is_counted_by_term(synthetic_data, model_phase, update):
     data_dir = str(synthetic_data[0])
     schema = schema_lib.load_schema(data_dir)
-    cfg = _cfg("train.on_nonfinite=skip")
+    cfg = _cfg("train.on_nonfinite=skip", f"dnr.generator_update={update}")
     features, labels = next(iter(datasets(data_dir, cfg, schema)[0]))
     model = build_model(cfg, read_vocab(data_dir), schema, features)
     model.set_sampler_phase(model_phase)
