@@ -158,6 +158,9 @@ def test_geneval_shows_a_proposed_list_and_trains_its_evaluator(synthetic_data):
         assert logits[row, shown].min() > logits[row, rest].max() if len(rest) else True
         np.testing.assert_allclose(logits[row, rest], g[row, rest], atol=1e-6)  # the others keep g
     np.testing.assert_array_equal(np.asarray(model(features)), logits)  # deterministic at inference
+    # The sampled proposals differ from one another (each draw has its own seed).
+    proposals = np.asarray(model._proposals(model.generator(features), features[S.ITEM_IDS] > 0, 4, 1234))
+    assert len({proposals[j].tobytes() for j in range(1, 4)}) > 1
 
     data_dir = str(synthetic_data[0])
     schema = schema_lib.load_schema(data_dir)

@@ -57,8 +57,11 @@ class GeneratorEvaluator(keras.layers.Layer):
         logits = ops.where(mask, ops.stop_gradient(g), -1e30)
         k = tf.minimum(self.k, tf.shape(logits)[1])
         out = [tf.math.top_k(logits, k=k).indices]
-        for _ in range(count - 1):
-            u = keras.random.uniform(ops.shape(logits), minval=1e-6, maxval=1.0 - 1e-6, seed=seed)
+        for j in range(count - 1):
+            # A fixed integer seed (inference) would repeat the same draw: offset it per proposal.
+            # A SeedGenerator (training) advances by itself.
+            draw_seed = seed + j if isinstance(seed, int) else seed
+            u = keras.random.uniform(ops.shape(logits), minval=1e-6, maxval=1.0 - 1e-6, seed=draw_seed)
             out.append(tf.math.top_k(logits - ops.log(-ops.log(u)), k=k).indices)
         return tf.stack(out)
 
