@@ -76,12 +76,13 @@ class ScoreHistograms(keras.callbacks.Callback):
         super().__init__()
         self.writer = tf.summary.create_file_writer(log_dir)
         self.features, self.labels = features, labels
+        self.seed = keras.random.SeedGenerator(7, name="histogram_seed")  # not the training's noise
 
     def on_epoch_end(self, epoch, logs=None):
         labels = self.labels
         z = ops.cast(ops.equal(labels, 1), "float32")
         x = self.features[S.RETRIEVER_SCORES]
-        x_fake = self.model.sample_x(self.features, z)
+        x_fake = self.model.sample_x(self.features, z, seed=self.seed)
         pos, neg = ops.equal(labels, 1), ops.equal(labels, 0)
         with self.writer.as_default(step=epoch + 1):
             tf.summary.histogram("x/positive", tf.boolean_mask(x, pos))
@@ -145,7 +146,10 @@ class RngStateBackup(keras.callbacks.Callback):
     backup and restores them on resume, so that a resumed run draws what an uninterrupted one draws.
 
     Keras' `BackupAndRestore` saves weights and optimizer state, not `SeedGenerator` states. Put this
-    callback after it (and after anything that draws at the end of an epoch).
+    callback *before* it: the states of epoch e are written before its weights and metadata, and the
+    file keeps the last two epochs, so a run killed between the two writes (or one that
+    `BackupAndRestore` rolls back to its previous copy) still finds the states of the epoch it
+    resumes from. No callback may draw from the model's generators at the end of an epoch.
     """
 
     FILE = "rng_state.json"
@@ -157,26 +161,33 @@ class RngStateBackup(keras.callbacks.Callback):
     def _generators(self):
         return {v.path: v for v in self.model.variables if v.path.endswith("seed_generator_state")}
 
-    def on_train_begin(self, logs=None):
+    def _saved(self) -> dict:
         if not os.path.exists(self.path):
-            return
+            return {}
         with open(self.path) as f:
-            saved = json.load(f)
+            return json.load(f)
+
+    def on_train_begin(self, logs=None):
         meta = os.path.join(os.path.dirname(self.path), "training_metadata.json")
-        if os.path.exists(meta):
-            with open(meta) as f:
-                if json.load(f).get("epoch") != saved["epoch"]:
-                    print("warning: the random states saved are not those of the backup's epoch", flush=True)
-                    return
+        if not os.path.exists(meta):
+            return
+        with open(meta) as f:
+            epoch = str(json.load(f).get("epoch"))
+        saved = self._saved()
+        if epoch not in saved:
+            print(f"warning: no random states saved for epoch {epoch}; the resumed run draws anew", flush=True)
+            return
         generators = self._generators()
-        for path, state in saved["states"].items():
+        for path, state in saved[epoch].items():
             if path in generators:
                 generators[path].assign(state)
 
     def on_epoch_end(self, epoch, logs=None):
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        states = {path: v.numpy().tolist() for path, v in self._generators().items()}
+        saved = self._saved()
+        saved[str(epoch + 1)] = {path: v.numpy().tolist() for path, v in self._generators().items()}
+        saved = {k: saved[k] for k in sorted(saved, key=int)[-2:]}
         tmp = self.path + ".tmp"
         with open(tmp, "w") as f:
-            json.dump({"epoch": epoch + 1, "states": states}, f)
+            json.dump(saved, f)
         os.replace(tmp, self.path)

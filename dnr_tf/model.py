@@ -165,11 +165,13 @@ class DNRModel(keras.Model):
             self.make_train_function(force=True)
             self.make_test_function(force=True)
 
-    def sample_x(self, features, z, training=False):
-        """`[batch, list_size]` synthetic scores x' from the active sampler."""
+    def sample_x(self, features, z, training=False, seed=None):
+        """`[batch, list_size]` synthetic scores x' from the active sampler (`seed`: the training noise by
+        default; callbacks pass their own so that they never move the training's random state)."""
+        seed = self.noise_seed if seed is None else seed
         if self._model_phase:
-            return self.generator(features, z, seed=self.noise_seed, training=training)
-        return self.heuristic(z, self.noise_seed)
+            return self.generator(features, z, seed=seed, training=training)
+        return self.heuristic(z, seed)
 
     # --- steps -----------------------------------------------------------------------------------
 

@@ -251,12 +251,12 @@ def train(cfg: ExperimentConfig, data_dir: str, model_dir: str, verbose: int | N
     callbacks = [
         SamplerSchedule(cfg.dnr.lambda_e if cfg.dnr.model_based else 10**9),
         cb.NonFiniteGuard(cfg.train.on_nonfinite),
+        cb.RngStateBackup(backup_dir),  # before BackupAndRestore: see its docstring
         keras.callbacks.BackupAndRestore(backup_dir, save_freq="epoch", double_checkpoint=True),
         best,
         timer,
         keras.callbacks.TensorBoard(os.path.join(model_dir, "logs"), histogram_freq=0),
         cb.ScoreHistograms(os.path.join(model_dir, "logs", "scores"), example, next(iter(train_ds))[1]),
-        cb.RngStateBackup(backup_dir),  # after every callback that draws at the end of an epoch
     ]
     if verbose is None:
         verbose = 1 if sys.stdout.isatty() else 2
