@@ -63,11 +63,69 @@ def all_finite(tensors):
     return tf.reduce_all(tf.stack(checks)) if checks else tf.constant(True)
 
 
+def replicas_in_sync() -> int:
+    """Replicas that share each global batch (1 without a distribution strategy)."""
+    return tf.distribute.get_strategy().num_replicas_in_sync
+
+
+def scale_for_replicas(loss):
+    """The per-replica loss whose gradient, summed over replicas (as the optimizer's all-reduce
+    does), is the gradient of the global batch's loss: each replica's mean divided by the replicas."""
+    n = replicas_in_sync()
+    return loss if n == 1 else loss * (1.0 / n)
+
+
+def any_replica(flags):
+    """`flags` (bool `[k]`) with each entry true on every replica when it is true on any one.
+
+    The non-finite guard decides on these: all replicas take the same branch around the
+    optimizer's collective all-reduce, and a step that is bad on one worker is skipped by all.
+    """
+    ctx = tf.distribute.get_replica_context()
+    if ctx is None or ctx.num_replicas_in_sync == 1:
+        return flags
+    return ctx.all_reduce(tf.distribute.ReduceOp.SUM, tf.cast(flags, "int32")) > 0
+
+
+def dense_gradients(grads):
+    """The gradients with every `tf.IndexedSlices` (an embedding lookup's) summed into a dense tensor.
+
+    Keras 3's Adam squares an IndexedSlices gradient slice by slice before its duplicate indices are
+    summed, so an embedding row looked up k times in a batch gets the sum of k squared partial
+    gradients as its second moment instead of the square of their sum: its steps shrink, and differ
+    with how the lookups are split (the replicas of a distribution strategy split them). Its update
+    of the moments is dense anyway, so a dense gradient costs no more than that update.
+    """
+    return [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g for g in grads]
+
+
 def x_regulariser(x, x_fake, mask):
     """L_x' = mean over unpadded candidates of (log x - log x')^2."""
     maskf = ops.cast(mask, "float32")
     diff = ops.log(ops.clip(x, _LOG_EPS, 1.0)) - ops.log(ops.clip(x_fake, _LOG_EPS, 1.0))
     return ops.sum(diff * diff * maskf) / ops.maximum(ops.sum(maskf), 1.0)
+
+
+class VariableReport(keras.metrics.Metric):
+    """Reports a model variable in the logs as it stands (the sampler phase, the skipped steps).
+
+    A metric rather than an extra log entry: Keras recomputes an epoch's logs from the model's
+    metrics (in the cross-replica context, so aggregated over every replica and worker) only when
+    the step's logs hold exactly those metrics.
+    """
+
+    def __init__(self, read, name: str, **kwargs):
+        super().__init__(name=name, **kwargs)
+        self._read = read
+
+    def update_state(self, *args, **kwargs):
+        pass
+
+    def result(self):
+        return ops.cast(self._read(), "float32")
+
+    def reset_state(self):
+        pass
 
 
 class DNRModel(keras.Model):
@@ -105,13 +163,27 @@ class DNRModel(keras.Model):
         self._model_phase = False
         # Steps with a non-finite loss term or gradient are never applied (see `train_step`).
         self.nonfinite_counts = self.add_weight(
-            shape=(len(NONFINITE_TERMS),), dtype="int32", initializer="zeros", trainable=False, name="nonfinite_counts"
+            shape=(len(NONFINITE_TERMS),),
+            dtype="int32",
+            initializer="zeros",
+            trainable=False,
+            aggregation="only_first_replica",  # every replica adds the same, all-reduced flags
+            name="nonfinite_counts",
         )
         self.skipped_steps = self.add_weight(
-            shape=(), dtype="int32", initializer="zeros", trainable=False, name="skipped_steps"
+            shape=(),
+            dtype="int32",
+            initializer="zeros",
+            trainable=False,
+            aggregation="only_first_replica",
+            name="skipped_steps",
         )
         self.trackers = {name: keras.metrics.Mean(name=name) for name in LOSS_TERMS}
         self.ranking = RankingMetrics(cfg.train.k)
+        self.reports = [
+            VariableReport(lambda: self.sampler_phase, name="sampler_phase"),
+            VariableReport(lambda: self.skipped_steps, name="skipped_steps"),
+        ]
 
     # --- building --------------------------------------------------------------------------------
 
@@ -127,6 +199,15 @@ class DNRModel(keras.Model):
             self.generator(features, z, seed=self.noise_seed)
             self.generator_optimizer.build(self.generator.trainable_variables)
         self.optimizer.build(self.reranker.trainable_variables)
+        self._built_all = True
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        """Skipped once `build_all` has run: every layer and optimizer is built, so Keras' symbolic
+        build has nothing to do, and under MultiWorkerMirroredStrategy it fails on a dict batch (it
+        all-reduces the first batch to get its shapes; Keras 3.15)."""
+        if getattr(self, "_built_all", False):
+            return
+        super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
 
     def build(self, input_shape=None):
         # Sub-models build on their first call (build_all); nothing to create here.
@@ -145,7 +226,7 @@ class DNRModel(keras.Model):
 
     @property
     def metrics(self):
-        return [*self.trackers.values(), *self.ranking.metrics]
+        return [*self.trackers.values(), *self.ranking.metrics, *self.reports]
 
     # --- the sampler phase -----------------------------------------------------------------------
 
@@ -244,26 +325,44 @@ class DNRModel(keras.Model):
             if auxiliary is not None:  # a backbone's own extra term (the generator-evaluator's evaluator)
                 loss = loss + auxiliary(features, labels, logits, training=True)
             objective = loss + dnr.weight_x * l_x if simultaneous and dnr.use_x_reg else loss
+            objective = scale_for_replicas(objective)
         variables = self.reranker.trainable_variables
         gen_vars = self.generator.trainable_variables if simultaneous else []
-        grads = tape.gradient(objective, variables + gen_vars)
+        grads = dense_gradients(tape.gradient(objective, variables + gen_vars))
         losses = {"loss": loss, "l_direct": l_direct, "l_z": l_z, "l_adv": l_adv, "l_x": l_x}
         losses.update(logits=logits, mask=mask, z=z)
         return losses, grads[: len(variables)], (grads[len(variables) :] if simultaneous else None)
 
     def _apply_if_finite(self, optimizer, grads, variables, flags, count=True):
-        """Applies the update only when every flag holds; counts the flags that do not (once a step)."""
-        ok = tf.reduce_all(tf.stack([f for _, f in flags]))
+        """Applies the update only when every flag holds on every replica; counts the flags that do
+        not (once a step, however many replicas saw it). Returns whether the update was applied."""
+        bad = any_replica(tf.logical_not(tf.stack([f for _, f in flags])))
+        ok = tf.logical_not(tf.reduce_any(bad))
         if count:
             index = [NONFINITE_TERMS.index(name) for name, _ in flags]
-            bad = tf.cast(tf.logical_not(tf.stack([f for _, f in flags])), "int32")
-            self.nonfinite_counts.assign_add(tf.scatter_nd(tf.constant(index)[:, None], bad, [len(NONFINITE_TERMS)]))
+            counts = tf.scatter_nd(tf.constant(index)[:, None], tf.cast(bad, "int32"), [len(NONFINITE_TERMS)])
+            self.nonfinite_counts.assign_add(counts)
 
         def apply():
             optimizer.apply(grads, variables)
             return tf.constant(True)
 
-        return tf.cond(ok, apply, lambda: tf.constant(False))
+        ctx = tf.distribute.get_replica_context()
+        if ctx is None or tf.__internal__.distribute.strategy_supports_no_merge_call():
+            return tf.cond(ok, apply, lambda: tf.constant(False))
+
+        # A strategy whose optimizer update goes through `merge_call` (MirroredStrategy on local
+        # devices) does not allow a `merge_call` inside a replica's `cond`: decide in the
+        # cross-replica context, as Keras' LossScaleOptimizer does. `ok` is the same on every replica.
+        def cross_replica(strategy, ok, grads):
+            def apply_all():
+                strategy.extended.call_for_each_replica(optimizer.apply, args=(grads, variables))
+                return tf.constant(True)
+
+            ok = strategy.experimental_local_results(ok)[0]
+            return tf.cond(ok, apply_all, lambda: tf.constant(False))
+
+        return ctx.merge_call(cross_replica, args=(ok, grads))
 
     def train_step(self, data):
         """Algorithm 1 on one batch. A step whose loss terms or gradients are not all finite is not
@@ -298,7 +397,8 @@ class DNRModel(keras.Model):
         for _ in range(extra_generator_steps):
             with tf.GradientTape() as gtape:
                 gen_loss, l_adv, l_x = self._generator_losses(features, losses["z"], losses["mask"])
-            gen_step_grads = gtape.gradient(gen_loss, gen_vars)
+                gen_loss = scale_for_replicas(gen_loss)
+            gen_step_grads = dense_gradients(gtape.gradient(gen_loss, gen_vars))
             gen_flags = [
                 ("L_adv", tf.math.is_finite(l_adv)),
                 ("L_x'", tf.math.is_finite(l_x)),
@@ -342,8 +442,11 @@ class DNRModel(keras.Model):
                 ops.where(applied, labels, 0), ops.where(applied, logits, 0.0), ops.logical_and(mask, applied)
             )
         logs = {m.name: m.result() for m in self.metrics}
-        logs["sampler_phase"] = ops.cast(self.sampler_phase, "float32")
-        logs["skipped_steps"] = ops.cast(self.skipped_steps, "float32")
+        if isinstance(tf.distribute.get_strategy(), tf.distribute.MultiWorkerMirroredStrategy):
+            # Keras 3 averages a step's logs over workers along axis 0, which a scalar lacks
+            # (TensorFlow issue 72388); these only feed the progress bar: the epoch's logs are
+            # recomputed from the metrics, over every worker.
+            logs = {name: ops.reshape(value, (1,)) for name, value in logs.items()}
         return logs
 
 

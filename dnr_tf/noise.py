@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import keras
+import tensorflow as tf
 from keras import ops
 
 from dnr_tf import schema as S
@@ -20,6 +21,25 @@ from dnr_tf.backbones.base import ItemEmbedding, masked_mean
 def mix(z, eps, lambda_c: float):
     """x' = (1 - lambda_c) z + lambda_c eps (eq. 4)."""
     return (1.0 - lambda_c) * z + lambda_c * eps
+
+
+def draw_for_batch(draw, batch):
+    """This replica's rows of `draw(rows)`, a random draw for the whole global batch.
+
+    Under a distribution strategy every replica draws the noise of the global batch from the same
+    seed and keeps the rows of its own lists, so that the draws do not depend on how many replicas
+    (or workers) share the batch: training under `--strategy` sees the noise one process sees. The
+    batch is split across replicas in replica order (tf.distribute's split of a global batch);
+    `all_gather` of the per-replica sizes handles an uneven last batch. With one replica it is
+    `draw(batch)`.
+    """
+    ctx = tf.distribute.get_replica_context()
+    if ctx is None or ctx.num_replicas_in_sync == 1:
+        return draw(batch)
+    sizes = ctx.all_gather(tf.reshape(tf.cast(batch, "int32"), [1]), axis=0)
+    replica = tf.cast(ctx.replica_id_in_sync_group, "int32")
+    offset = tf.reduce_sum(sizes[:replica])
+    return draw(tf.reduce_sum(sizes))[offset : offset + batch]
 
 
 def fit_beta(mean: float, var: float) -> tuple[float, float]:
@@ -50,16 +70,16 @@ class HeuristicSampler:
 
     def __call__(self, z, seed):
         """`[batch, list_size]` x' for labels z `[batch, list_size]` (float 0/1), from `seed`."""
-        shape = ops.shape(z)
+        batch, n = ops.shape(z)[0], ops.shape(z)[1]
         if self.kind == "calibrated":
             (a0, b0), (a1, b1) = self.calibration
-            x0 = keras.random.beta(shape, a0, b0, seed=seed)
-            x1 = keras.random.beta(shape, a1, b1, seed=seed)
+            x0 = draw_for_batch(lambda rows: keras.random.beta((rows, n), a0, b0, seed=seed), batch)
+            x1 = draw_for_batch(lambda rows: keras.random.beta((rows, n), a1, b1, seed=seed), batch)
             return z * x1 + (1.0 - z) * x0
         if self.kind == "beta":
-            eps = keras.random.beta(shape, self.alpha, self.beta, seed=seed)
+            eps = draw_for_batch(lambda rows: keras.random.beta((rows, n), self.alpha, self.beta, seed=seed), batch)
             return mix(z, eps, self.lambda_c)
-        eps = keras.random.normal(shape, seed=seed)
+        eps = draw_for_batch(lambda rows: keras.random.normal((rows, n), seed=seed), batch)
         return ops.clip(mix(z, eps, self.lambda_c), 0.0, 1.0)
 
 
@@ -92,7 +112,7 @@ class GeneratorSampler(keras.layers.Layer):
         request = masked_mean(self.items(history), ops.not_equal(history, S.PADDING_ID))
         n = ops.shape(item_emb)[1]
         request = ops.repeat(ops.expand_dims(request, 1), n, axis=1)
-        noise = keras.random.normal((ops.shape(z)[0], n, self.noise_dim), seed=seed)
+        noise = draw_for_batch(lambda rows: keras.random.normal((rows, n, self.noise_dim), seed=seed), ops.shape(z)[0])
         inputs = ops.concatenate([item_emb, request, ops.expand_dims(z, -1), noise], axis=-1)
         return ops.squeeze(ops.sigmoid(self.out(self.hidden(inputs))), -1)
 

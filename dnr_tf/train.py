@@ -8,6 +8,11 @@ Writes into `--model_dir`: `config.yaml` (resolved), `logs/` (TensorBoard), `bac
 running: `BackupAndRestore`, so a killed run resumes where it was with the same command),
 `best.weights.h5` and `best.json` (the epoch with the best validation metric), and `metrics.json`
 (validation and test metrics of the best model, seconds per epoch, the history).
+
+`--strategy mirrored` trains on every local GPU, `--strategy multi_worker` on the cluster that the
+TF_CONFIG environment variable describes (`dnr_tf.distribute`; docs/scaling.md). `train.batch_size`
+is the global batch. Only the chief writes `--model_dir`; each other worker writes its own copy of
+the run under `<model_dir>/workers/<task>-<index>/`.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from dnr_tf.config import ExperimentConfig  # noqa: E402
 FEATURES = ("item_ids", "retriever_scores", "history", "user_id")
 
 
-def parse_args(argv=None) -> tuple[ExperimentConfig, str, str, str | None]:
+def parse_args(argv=None) -> tuple[ExperimentConfig, str, str, str | None, dict]:
     parser = argparse.ArgumentParser(prog="python -m dnr_tf.train", description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True, help="YAML experiment config (configs/*.yaml)")
     parser.add_argument("--data_dir", required=True, help="output directory of `python -m pipeline.run`")
@@ -44,11 +49,24 @@ def parse_args(argv=None) -> tuple[ExperimentConfig, str, str, str | None]:
         metavar="EXPORT_DIR",
         help="also export the best model for TF Serving (default saved_models/<name>)",
     )
+    parser.add_argument(
+        "--strategy",
+        choices=("default", "mirrored", "multi_worker"),
+        default="default",
+        help="tf.distribute strategy: one device, every local GPU, or the TF_CONFIG cluster (docs/scaling.md)",
+    )
+    parser.add_argument(
+        "--cpu_replicas",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with --strategy mirrored and no GPU: split the CPU into N logical devices, one replica each",
+    )
     args = parser.parse_args(argv)
     data = config_io.apply_overrides(config_io.load_yaml(args.config), args.set)
     cfg = config_io.from_dict(ExperimentConfig, data)
     export = None if args.export is None else (args.export or os.path.join("saved_models", cfg.name))
-    return cfg, args.data_dir, args.model_dir, export
+    return cfg, args.data_dir, args.model_dir, export, {"strategy": args.strategy, "cpu_replicas": args.cpu_replicas}
 
 
 def read_vocab(directory: str) -> list[int]:
@@ -73,12 +91,22 @@ def split_sizes(data_dir: str) -> dict[str, int]:
     return {name: int(s["lists"]) for name, s in splits.items() if "lists" in s}
 
 
-def datasets(data_dir: str, cfg: ExperimentConfig, schema, epochs_from: int | None = None, epochs: int = 1):
+def datasets(
+    data_dir: str,
+    cfg: ExperimentConfig,
+    schema,
+    epochs_from: int | None = None,
+    epochs: int = 1,
+    distributed: bool = False,
+):
     """(train, valid, test) datasets of (features, labels) pairs.
 
     With `epochs_from`, train is the stream of `epochs` epochs from that epoch on, each shuffled by
     (seed, epoch) alone (`make_dataset`): what `train` uses, so that a resumed run sees the batches
     an uninterrupted one would. Without it, train is one shuffled pass.
+    `distributed`: for a multi-worker strategy, shard by data rather than by file. Every worker reads
+    the same (seeded, so identical) stream and keeps its replicas' share of each global batch: a
+    split may have a single file, and the batches are then those of one process.
     """
     import tensorflow as tf
 
@@ -107,6 +135,10 @@ def datasets(data_dir: str, cfg: ExperimentConfig, schema, epochs_from: int | No
         if split in sizes and not (train and epochs_from is not None):
             # Known length: Keras shows real progress bars and does not warn at the end of epoch 1.
             ds = ds.apply(tf.data.experimental.assert_cardinality(math.ceil(sizes[split] / batch)))
+        if distributed:
+            options = tf.data.Options()
+            options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+            ds = ds.with_options(options)
         out.append(ds)
     return tuple(out)
 
@@ -197,8 +229,27 @@ def build_model(cfg: ExperimentConfig, item_vocab, schema, example_features, cal
     return model
 
 
-def train(cfg: ExperimentConfig, data_dir: str, model_dir: str, verbose: int | None = None) -> dict:
-    """Trains, picks the best epoch on validation, evaluates it on test; returns `metrics.json`."""
+def train(
+    cfg: ExperimentConfig,
+    data_dir: str,
+    model_dir: str,
+    verbose: int | None = None,
+    strategy: str = "default",
+    cpu_replicas: int = 0,
+) -> dict:
+    """Trains, picks the best epoch on validation, evaluates it on test; returns `metrics.json`.
+
+    `strategy`, `cpu_replicas`: see `dnr_tf.distribute`. A worker other than the chief writes its
+    files under `<model_dir>/workers/<task>-<index>/` and returns its own copy of the metrics.
+    """
+    from dnr_tf import distribute
+
+    dist = distribute.make_strategy(strategy, cpu_replicas)  # first: before any other TensorFlow work
+    chief, worker = distribute.worker_role(strategy)
+    if not chief:
+        model_dir = os.path.join(model_dir, "workers", worker)
+    distributed = strategy != "default"
+
     import keras
 
     from dnr_tf import callbacks as cb
@@ -224,7 +275,7 @@ def train(cfg: ExperimentConfig, data_dir: str, model_dir: str, verbose: int | N
                 os.remove(os.path.join(model_dir, name))
 
     keras.utils.set_random_seed(cfg.train.seed)  # tf.data mixes the global seed into its shuffles
-    one_pass, valid_ds, test_ds = datasets(data_dir, cfg, schema)
+    one_pass, valid_ds, test_ds = datasets(data_dir, cfg, schema, distributed=distributed)
     calibration = score_calibration(one_pass) if cfg.dnr.heuristic == "calibrated" else None
     pass_len = int(one_pass.cardinality())
     if pass_len <= 0:  # no stats.json: count once
@@ -236,15 +287,18 @@ def train(cfg: ExperimentConfig, data_dir: str, model_dir: str, verbose: int | N
     epochs = cfg.train.epochs
     if cfg.train.steps_per_epoch:
         passes = math.ceil(epochs * steps_per_epoch / pass_len) + 1
-        stream = datasets(data_dir, cfg, schema, epochs_from=0, epochs=passes)[0]
+        stream = datasets(data_dir, cfg, schema, epochs_from=0, epochs=passes, distributed=distributed)[0]
         train_ds = stream.skip(done * steps_per_epoch).repeat()
     else:
-        train_ds = datasets(data_dir, cfg, schema, epochs_from=done, epochs=max(epochs - done, 1))[0]
+        train_ds = datasets(
+            data_dir, cfg, schema, epochs_from=done, epochs=max(epochs - done, 1), distributed=distributed
+        )[0]
     example = next(iter(train_ds))[0]
     if calibration is not None:
         with open(os.path.join(model_dir, "calibration.json"), "w") as f:
             json.dump({"beta_given_z0": calibration[0], "beta_given_z1": calibration[1]}, f)
-    model = build_model(cfg, item_vocab, schema, example, calibration)
+    with dist.scope():  # both models, both optimizers and every counter are the strategy's variables
+        model = build_model(cfg, item_vocab, schema, example, calibration)
     monitor = f"val_{cfg.train.monitor}"
     timer = cb.EpochTimer()
     best = cb.BestWeights(model_dir, monitor)
@@ -293,6 +347,7 @@ def train(cfg: ExperimentConfig, data_dir: str, model_dir: str, verbose: int | N
         "calibration": calibration,
         "skipped_steps": skipped,
         "nonfinite_counts": nonfinite,
+        "strategy": {"name": strategy, "replicas": int(dist.num_replicas_in_sync), "chief": chief},
         "history": {k: [float(v) for v in vals] for k, vals in history.history.items()},
     }
     with open(os.path.join(model_dir, "metrics.json"), "w") as f:
@@ -318,8 +373,8 @@ def print_table(result: dict) -> None:
 
 def main(argv=None) -> int:
     try:
-        cfg, data_dir, model_dir, export_dir = parse_args(argv)
-        result = train(cfg, data_dir, model_dir)
+        cfg, data_dir, model_dir, export_dir, dist = parse_args(argv)
+        result = train(cfg, data_dir, model_dir, **dist)
     except (config_io.ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -329,6 +384,9 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 3
     print_table(result)
+    if not result["strategy"]["chief"]:
+        print(f"worker's copy of the run written under {model_dir}/workers/; the chief writes the run and exports")
+        return 0
     print(f"run written to {model_dir}/ (metrics.json, best.weights.h5, logs/ for TensorBoard)")
     if export_dir is not None:
         from dnr_tf.export import export_run
