@@ -18,7 +18,9 @@ import numpy as np
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-COMPARED = ("loss", "l_direct", "l_z", "l_adv", "l_x", "ndcg@6", "auc", "val_loss", "val_ndcg@6", "val_auc")
+LOSSES = ("loss", "l_direct", "l_z", "l_adv", "l_x", "val_loss", "val_l_direct", "val_l_z")
+# Rank metrics jump when near-tied scores swap, so a 1e-6 change of a weight can move them more.
+RANKING = ("ndcg@6", "auc", "val_ndcg@6", "val_auc")
 
 
 def _train_args(data_dir, model_dir, *extra):
@@ -59,15 +61,18 @@ def _metrics(model_dir):
 
 
 def _assert_same_run(got, want):
-    """Same loss trajectory and metrics (float reductions in another order: 1e-4 relative)."""
+    """Same loss trajectory (float sums in another order: 1e-4 relative) and metrics (1e-3)."""
     assert got["best_epoch"] == want["best_epoch"]
     assert got["steps"] == want["steps"], "both optimizers took the same steps"
     assert got["history"]["sampler_phase"] == want["history"]["sampler_phase"] == [0.0, 1.0]
-    for key in COMPARED:
-        np.testing.assert_allclose(got["history"][key], want["history"][key], rtol=1e-4, atol=1e-5, err_msg=key)
+    for key in LOSSES:
+        np.testing.assert_allclose(got["history"][key], want["history"][key], rtol=1e-4, atol=1e-6, err_msg=key)
+    for key in RANKING:
+        np.testing.assert_allclose(got["history"][key], want["history"][key], rtol=1e-3, err_msg=key)
     for split in ("valid", "test"):
-        for key in ("ndcg@6", "auc", "loss"):
-            np.testing.assert_allclose(got[split][key], want[split][key], rtol=1e-4, atol=1e-5, err_msg=key)
+        np.testing.assert_allclose(got[split]["loss"], want[split]["loss"], rtol=1e-4, err_msg=f"{split} loss")
+        for key in ("ndcg@6", "auc"):
+            np.testing.assert_allclose(got[split][key], want[split][key], rtol=1e-3, err_msg=f"{split} {key}")
 
 
 @pytest.fixture(scope="module")
@@ -200,3 +205,23 @@ def test_embedding_gradients_are_summed_before_adam():
     np.testing.assert_allclose(summed[:2], -0.1, rtol=1e-4)  # Adam's first step: lr * sign(gradient)
     sliced = first_step(lambda grads: grads)
     assert abs(sliced[0, 0]) < 0.01, "Keras' behaviour this works around (if it changes, this fails)"
+
+
+def test_a_nonfinite_step_on_one_replica_is_skipped_by_all(synthetic_data, tmp_path):
+    """The NaN list sits in one replica's half of its batch: both replicas skip that step (the
+    optimizer's all-reduce runs in both or neither), it is counted once, and the run is the one
+    process's run with the same policy."""
+    from test_reliability_train import _data_with_a_nan_score
+
+    data = _data_with_a_nan_score(synthetic_data[0], tmp_path / "data")
+    runs = {}
+    for name, extra in (("one", []), ("mirrored", ["--strategy", "mirrored", "--cpu_replicas", "2"])):
+        args = _train_args(data, tmp_path / name, "--set", "train.on_nonfinite=skip", *extra)
+        done = subprocess.run(args, cwd=ROOT, env=_env(), capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs[name] = _metrics(tmp_path / name)
+    got, want = runs["mirrored"], runs["one"]
+    assert want["skipped_steps"] == got["skipped_steps"] == 2, "the NaN list is in one batch of each epoch"
+    assert got["nonfinite_counts"] == want["nonfinite_counts"]
+    assert got["nonfinite_counts"]["L_direct"] == 2
+    _assert_same_run(got, want)
