@@ -13,6 +13,7 @@ import pathlib
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -64,7 +65,7 @@ def _assert_same_run(got, want):
     """Same loss trajectory (float sums in another order: 1e-4 relative) and metrics (1e-3)."""
     assert got["best_epoch"] == want["best_epoch"]
     assert got["steps"] == want["steps"], "both optimizers took the same steps"
-    assert got["history"]["sampler_phase"] == want["history"]["sampler_phase"] == [0.0, 1.0]
+    assert got["history"]["sampler_phase"] == want["history"]["sampler_phase"]
     for key in LOSSES:
         np.testing.assert_allclose(got["history"][key], want["history"][key], rtol=1e-4, atol=1e-6, err_msg=key)
     for key in RANKING:
@@ -107,6 +108,7 @@ def test_two_local_workers_train_like_one_process(synthetic_data, one_process, t
 
     chief = _metrics(model_dir)
     assert chief["strategy"] == {"name": "multi_worker", "replicas": 2, "chief": True}
+    assert chief["history"]["sampler_phase"] == [0.0, 1.0], "heuristic epoch, then model-based"
     _assert_same_run(chief, one_process)
     # Only the chief wrote the run; the other worker wrote its own copy aside, with the same numbers.
     assert sorted(os.listdir(model_dir)) == sorted(
@@ -120,14 +122,39 @@ def test_two_local_workers_train_like_one_process(synthetic_data, one_process, t
     assert "worker's copy of the run" in logs[1]
 
 
-def test_mirrored_replicas_train_like_one_process(synthetic_data, one_process, tmp_path):
+def test_mirrored_replicas_killed_and_resumed_train_like_one_process(synthetic_data, one_process, tmp_path):
+    """Two mirrored replicas, killed after the heuristic epoch and resumed with the same command
+    (backup and random states restored into the strategy's variables): the model-based epoch and the
+    final metrics are the uninterrupted one process's."""
     data_dir, _ = synthetic_data
     args = _train_args(data_dir, tmp_path / "run", "--strategy", "mirrored", "--cpu_replicas", "2")
+    proc = subprocess.Popen(args, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    meta = tmp_path / "run" / "backup" / "training_metadata.json"
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline:
+            try:
+                if json.loads(meta.read_text())["epoch"] >= 1:
+                    break
+            except (FileNotFoundError, json.JSONDecodeError, KeyError):
+                pass
+            if proc.poll() is not None:
+                pytest.fail("the mirrored run ended before it could be killed")
+            time.sleep(0.1)
+        else:
+            pytest.fail("no backup of epoch 1 within 300 s")
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not (tmp_path / "run" / "metrics.json").exists(), "killed before the end"
+
     done = subprocess.run(args, cwd=ROOT, env=_env(), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     got = _metrics(tmp_path / "run")
     assert got["strategy"] == {"name": "mirrored", "replicas": 2, "chief": True}
-    _assert_same_run(got, one_process)
+    assert got["history"]["sampler_phase"] == [1.0], "the resumed run did the model-based epoch only"
+    last = {**one_process, "history": {key: values[-1:] for key, values in one_process["history"].items()}}
+    _assert_same_run(got, last)
 
 
 @pytest.mark.parametrize("model_based", [False, True])
