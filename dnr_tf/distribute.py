@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 
 from dnr_tf.config_io import ConfigError
 
@@ -91,3 +92,18 @@ def worker_role(name: str) -> tuple[bool, str]:
     cluster, kind, index = cluster_spec()
     chief = kind == "chief" or (kind == "worker" and index == 0 and "chief" not in cluster)
     return chief, f"{kind}-{index}"
+
+
+def local_cluster(workers: int) -> list[str]:
+    """TF_CONFIG values for `workers` processes on this machine, on free ports of 127.0.0.1: start one
+    `--strategy multi_worker` process with each (how the tests and `bench/distributed_train.py` do)."""
+    sockets = [socket.socket() for _ in range(workers)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        addresses = [f"127.0.0.1:{s.getsockname()[1]}" for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+    cluster = {"worker": addresses}
+    return [json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}}) for i in range(workers)]

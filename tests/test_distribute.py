@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 import time
@@ -46,16 +45,6 @@ def _env(**extra):
     return {**env, "TF_CPP_MIN_LOG_LEVEL": "2", **extra}
 
 
-def _free_ports(n):
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 def _metrics(model_dir):
     with open(os.path.join(model_dir, "metrics.json")) as f:
         return json.load(f)
@@ -88,11 +77,10 @@ def one_process(synthetic_data, tmp_path_factory):
 def test_two_local_workers_train_like_one_process(synthetic_data, one_process, tmp_path):
     data_dir, _ = synthetic_data
     model_dir = tmp_path / "run"
-    ports = _free_ports(2)
-    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+    from dnr_tf.distribute import local_cluster
+
     workers = []
-    for index in range(2):
-        tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
+    for index, tf_config in enumerate(local_cluster(2)):
         log = open(tmp_path / f"worker-{index}.log", "w")
         args = _train_args(data_dir, model_dir, "--strategy", "multi_worker")
         workers.append((subprocess.Popen(args, cwd=ROOT, env=_env(TF_CONFIG=tf_config), stdout=log, stderr=log), log))
