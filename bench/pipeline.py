@@ -13,8 +13,16 @@ Workers: DirectRunner in one process (`--direct_num_workers 1`), and two worker 
 
 Each run is a `python -m pipeline.run` subprocess. Peak memory is sampled from /proc every 0.2 s
 as the summed resident set of the subprocess and all its descendants (the Beam workers); the peak
-of the largest single process is also reported (`wait4`'s rusage). `--quick` runs ML-100K and a
-100,000-interaction synthetic set with one worker and 3 retriever epochs, under a minute.
+of the largest single process is also reported (`wait4`'s rusage), and each process's own peak
+(`VmHWM`): the driver's, where the DirectRunner keeps its PCollections, and each worker's. `--quick`
+runs ML-100K and a 100,000-interaction synthetic set with one worker and 3 retriever epochs, under a
+minute.
+
+    python -m bench.pipeline --doubling --output bench/results/pipeline_doubling.json
+
+`--doubling` runs the synthetic set at `--interactions` N (default 100,000; 1,000 users a 100,000)
+and at 2N with twice the users and the same 1,500 items, with two worker processes and 3 retriever
+epochs, and reports how each peak grew (about two minutes): what issue 9's memory test is about.
 """
 
 from __future__ import annotations
@@ -69,9 +77,9 @@ def write_ml1m_like(path: str, users: int, items: int, interactions: int, seed: 
                 f.write("".join(f"{u + 1}::{i + 1}::{r}::{t}\n" for i, r, t in rows))
 
 
-def _tree_rss(root_pid: int) -> int:
-    """Resident bytes of `root_pid` and all its descendants."""
-    parents, rss = {}, {}
+def _tree_processes(root_pid: int) -> dict[int, tuple[int, int]]:
+    """pid -> (start time in clock ticks, resident bytes) of `root_pid` and all its descendants."""
+    parents, procs = {}, {}
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
@@ -79,20 +87,39 @@ def _tree_rss(root_pid: int) -> int:
             with open(f"/proc/{name}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
             parents[int(name)] = int(fields[1])
-            rss[int(name)] = int(fields[21]) * PAGE
+            procs[int(name)] = (int(fields[19]), int(fields[21]) * PAGE)
         except (OSError, IndexError, ValueError):
             continue
-    total, stack = 0, [root_pid]
+    tree, stack = {}, [root_pid]
     while stack:
         pid = stack.pop()
-        total += rss.get(pid, 0)
+        if pid in procs:
+            tree[pid] = procs[pid]
         stack.extend(child for child, parent in parents.items() if parent == pid)
-    return total
+    return tree
+
+
+def _tree_rss(root_pid: int) -> int:
+    """Resident bytes of `root_pid` and all its descendants."""
+    return sum(rss for _, rss in _tree_processes(root_pid).values())
+
+
+def _peak_rss(pid: int) -> int:
+    """The peak resident bytes of a live process (`VmHWM`), 0 once it has gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def run_pipeline(args: list[str], log_path: str) -> dict:
     """Runs `python -m pipeline.run args`, sampling the memory of its process tree."""
     peak = [0]
+    own_peaks = {}  # pid -> (start time, peak resident bytes)
     with open(log_path, "w") as log:
         start = time.perf_counter()
         proc = subprocess.Popen([sys.executable, "-m", "pipeline.run", *args], cwd=ROOT, stdout=log, stderr=log)
@@ -100,7 +127,11 @@ def run_pipeline(args: list[str], log_path: str) -> dict:
 
         def sample():
             while not done.is_set():
-                peak[0] = max(peak[0], _tree_rss(proc.pid))
+                tree = _tree_processes(proc.pid)
+                peak[0] = max(peak[0], sum(rss for _, rss in tree.values()))
+                for pid, (started, rss) in tree.items():
+                    before = own_peaks.get(pid, (started, 0))[1]
+                    own_peaks[pid] = (started, max(before, rss, _peak_rss(pid)))
                 done.wait(0.2)
 
         sampler = threading.Thread(target=sample, daemon=True)
@@ -114,24 +145,75 @@ def run_pipeline(args: list[str], log_path: str) -> dict:
         with open(log_path) as f:
             tail = f.read()[-2000:]
         raise RuntimeError(f"pipeline.run {' '.join(args)} failed (exit {rc}); log {log_path}:\n{tail}")
+    workers = [own_peaks[pid] for pid in own_peaks if pid != proc.pid]
     return {
         "wall_s": wall,
         "peak_tree_rss_mb": peak[0] / 2**20,
         # ru_maxrss of the waited subprocess: its largest single process, workers included (KiB).
         "peak_largest_process_mb": usage.ru_maxrss / 1024,
+        "peak_driver_mb": own_peaks.get(proc.pid, (0, 0))[1] / 2**20,
+        # Each Beam stage starts its own workers: in start order, stage 1's come first. The `/bin/sh`
+        # that starts each worker (under 2 MB) is left out.
+        "peak_workers_mb": [rss / 2**20 for _, rss in sorted(workers) if rss > 32 * 2**20],
     }
+
+
+def doubling(work: str, interactions: int, workers: int) -> dict:
+    """Peaks at N and 2N interactions (twice the users, the same items): which memory grows with the input."""
+    items = 1_500
+    rows = []
+    for scale in (1, 2):
+        n, users = interactions * scale, interactions * scale // 100
+        path = os.path.join(work, f"ratings-{users}x{items}x{n}.dat")
+        if not os.path.exists(path):
+            write_ml1m_like(path, users, items, n)
+        out = os.path.join(work, f"out-doubling-{n}")
+        extra = ["--direct_num_workers", str(workers), "--set", "retriever.epochs=3"]
+        if workers > 1:
+            extra += ["--direct_running_mode", "multi_processing"]
+        print(f"{n:,} interactions, {users:,} users, {workers} worker(s) ...", flush=True)
+        run_args = ["--config", "configs/pipeline/ml1m.yaml", "--input", path, "--output_dir", out, *extra]
+        row = run_pipeline(run_args, os.path.join(work, f"doubling-{n}.log"))
+        row.update(interactions=n, users=users, items=items, workers=workers)
+        rows.append(row)
+        print(
+            f"  peak {row['peak_tree_rss_mb']:,.0f} MB (all processes), driver {row['peak_driver_mb']:,.0f} MB, "
+            f"workers {', '.join(f'{w:,.0f}' for w in row['peak_workers_mb'])} MB",
+            flush=True,
+        )
+    one, two = rows
+    growth = {key: two[key] - one[key] for key in ("peak_tree_rss_mb", "peak_largest_process_mb", "peak_driver_mb")}
+    if len(one["peak_workers_mb"]) == len(two["peak_workers_mb"]):
+        growth["peak_workers_mb"] = [b - a for a, b in zip(one["peak_workers_mb"], two["peak_workers_mb"])]
+    return {"runs": rows, "growth_mb": growth}
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.pipeline", description=__doc__.split("\n")[0])
     default_ml100k = os.path.join(os.path.dirname(ROOT), "shared", "data", "ml-100k")
     parser.add_argument("--ml100k", default=default_ml100k, help="directory holding MovieLens-100K u.data")
-    parser.add_argument("--output", default="bench/results/pipeline.json")
+    parser.add_argument("--output", help="default bench/results/pipeline.json, or pipeline_doubling.json")
     parser.add_argument("--work_dir", help="where data and outputs are written (default: a temporary folder)")
     parser.add_argument("--datasets", default="ml100k,ml1m", help="comma-separated: ml100k, ml1m")
     parser.add_argument("--workers", default="1,2", help="comma-separated worker counts")
     parser.add_argument("--quick", action="store_true", help="a run under a minute")
+    parser.add_argument("--doubling", action="store_true", help="peak memory at N and 2N interactions only")
+    parser.add_argument("--interactions", type=int, default=100_000, help="N of --doubling")
     args = parser.parse_args(argv)
+    args.output = args.output or f"bench/results/pipeline{'_doubling' if args.doubling else ''}.json"
+    if args.doubling:
+        work = args.work_dir or tempfile.mkdtemp(prefix="bench_doubling_")
+        os.makedirs(work, exist_ok=True)
+        workers = max(int(w) for w in args.workers.split(",") if w)
+        result = {
+            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
+            "doubling": doubling(work, args.interactions, workers),
+        }
+        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+        with open(args.output, "w") as f:
+            json.dump(result, f, indent=2)
+        print(f"written to {args.output} (data and logs in {work})")
+        return 0
     names = [n for n in args.datasets.split(",") if n]
     workers = [int(w) for w in args.workers.split(",") if w]
     if "ml100k" in names and not os.path.exists(os.path.join(args.ml100k, "u.data")):

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 
@@ -65,6 +66,25 @@ def pair_blocks(pattern: str, users: np.ndarray, items: np.ndarray, block: int):
 
 def _sorted(pairs: np.ndarray) -> np.ndarray:
     return pairs[np.lexsort((pairs[:, 1], pairs[:, 0]))]
+
+
+def shuffled_batches(blocks: Iterable[np.ndarray], batch_size: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
+    """Yields `[batch_size, 2]` batches of the pairs of `blocks`, each block shuffled whole on its own.
+
+    The batches run on across blocks (the rest of one block opens the next one's first batch), so only
+    the window's last batch is shorter: the train step is traced for two shapes, not one more a block.
+    """
+    rest = np.zeros((0, 2), np.int64)
+    for pairs in blocks:
+        shuffled = pairs[rng.permutation(len(pairs))]
+        if len(rest):
+            shuffled = np.concatenate([rest, shuffled])
+        full = len(shuffled) - len(shuffled) % batch_size
+        for b in range(0, full, batch_size):
+            yield shuffled[b : b + batch_size]
+        rest = shuffled[full:]
+    if len(rest):
+        yield rest
 
 
 def train_mf(
@@ -132,18 +152,25 @@ def train_mf(
         optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
         return bce
 
-    rng = np.random.default_rng(seed)
     cached = None  # the whole window, when it fits in one shuffle block
+
+    def window_blocks():
+        nonlocal cached
+        if cached is not None:
+            yield from cached
+            return
+        for k, pairs in enumerate(pair_blocks(train_pattern, users, items, cfg.shuffle_buffer)):
+            # A block is closed once it is full, so only a short first block is the whole window.
+            if k == 0 and len(pairs) < cfg.shuffle_buffer:
+                cached = [pairs]
+            yield pairs
+
+    rng = np.random.default_rng(seed)
     for epoch in range(cfg.epochs):
         start = time.time()
         losses = []
-        for pairs in cached or pair_blocks(train_pattern, users, items, cfg.shuffle_buffer):
-            if epoch == 0 and cached is None and len(pairs) < cfg.shuffle_buffer:
-                cached = [pairs]
-            order = rng.permutation(len(pairs))
-            for b in range(0, len(pairs), cfg.batch_size):
-                rows = pairs[order[b : b + cfg.batch_size]]
-                losses.append(step(tf.constant(rows[:, 0]), tf.constant(rows[:, 1])))
+        for rows in shuffled_batches(window_blocks(), cfg.batch_size, rng):
+            losses.append(step(tf.constant(rows[:, 0]), tf.constant(rows[:, 1])))
         if not losses:
             raise ValueError(f"the retriever window is empty ({train_pattern})")
         loss = float(tf.reduce_mean(tf.stack(losses)))

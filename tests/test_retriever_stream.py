@@ -10,6 +10,7 @@ import pytest
 
 from bench.pipeline import write_ml1m_like
 from pipeline import retriever as mf
+from pipeline.config import RetrieverConfig
 from pipeline.run import run as run_pipeline
 from tests.test_sources import _decoded
 
@@ -35,6 +36,41 @@ def test_pair_blocks_are_bounded_sorted_and_cover_the_window(tmp_path):
 
     (whole,) = mf.pair_blocks(pattern, users, items, block=1000)
     assert [tuple(r) for r in whole] == expected, "a window that fits comes whole, sorted"
+
+
+def test_batches_run_on_across_blocks_and_only_the_last_is_short():
+    blocks = [np.arange(2 * n).reshape(n, 2) + 1000 * k for k, n in enumerate((23, 5, 40, 9))]
+    batches = list(mf.shuffled_batches(iter(blocks), 8, np.random.default_rng(0)))
+    assert [len(b) for b in batches] == [8] * 9 + [5]
+    assert sorted(map(tuple, np.concatenate(batches))) == sorted(map(tuple, np.concatenate(blocks)))
+    # Each block is shuffled on its own: the first 23 pairs out are the first block's.
+    assert {tuple(r) for r in np.concatenate(batches)[:23]} == {tuple(r) for r in blocks[0]}
+    # One block: the batches of one permutation of it, in order.
+    block = blocks[2]
+    order = np.random.default_rng(1).permutation(len(block))
+    got = list(mf.shuffled_batches([block], 16, np.random.default_rng(1)))
+    assert [b.tolist() for b in got] == [block[order[i : i + 16]].tolist() for i in range(0, 40, 16)]
+
+
+@pytest.mark.parametrize("shuffle_buffer, reads", [(60, 3), (1_000, 1)])
+def test_every_epoch_trains_on_the_whole_window(tmp_path, monkeypatch, shuffle_buffer, reads):
+    """A window of several blocks is streamed whole every epoch; a window of one block is read once and kept."""
+    rng = np.random.default_rng(1)
+    users, items = np.array([3, 10, 42, 77]), np.array([5, 6, 9, 11, 20])
+    for k, n in enumerate((40, 35, 50)):
+        pairs = zip(rng.choice(users, n), rng.choice(items, n))
+        _write_shard(tmp_path / f"window-train-{k:05d}-of-00003.tsv.gz", pairs)
+    streamed, pair_blocks = [], mf.pair_blocks
+
+    def counted(*args):
+        for block in pair_blocks(*args):
+            streamed.append(len(block))
+            yield block
+
+    monkeypatch.setattr(mf, "pair_blocks", counted)
+    cfg = RetrieverConfig(dim=4, epochs=3, batch_size=16, shuffle_buffer=shuffle_buffer)
+    mf.train_mf(os.fspath(tmp_path / "window-train-*"), {}, users, items, cfg, seed=0, progress=lambda line: None)
+    assert sum(streamed) == reads * 125, f"blocks read {streamed} over 3 epochs of a 125-pair window"
 
 
 @pytest.mark.parametrize("shuffle_buffer", [200_000, 700])
