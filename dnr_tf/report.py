@@ -162,8 +162,8 @@ def own_backbone_lines(groups, dataset: str) -> tuple[list[str], list[dict]]:
     lines.append(
         "\nTest NDCG@6, mean ± std over the seeds both rows have; each DNR-B row is paired with the same "
         "reranker trained directly (same seeds, same lists). `prm_i8` is PRM rerun with the code of the other "
-        "rows of this table (issue 8); `prm_i9` is PRM rerun after the fix of Keras' Adam on embedding "
-        "gradients (issue 9, docs/scaling.md), on which no other row ran."
+        "rows of this table (issue 8). The `_i9` rows rerun every pair after the fix of Keras' Adam on "
+        "embedding gradients (issue 9, docs/scaling.md); the rows without it ran before that fix."
     )
     return lines, data
 
