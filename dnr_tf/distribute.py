@@ -70,7 +70,6 @@ def make_strategy(name: str, cpu_replicas: int = 0):
     if name == "multi_worker":
         cluster_spec()  # fail here, with the field, rather than deep inside TensorFlow
         return tf.distribute.MultiWorkerMirroredStrategy()
-    gpus = tf.config.list_physical_devices("GPU")
     if cpu_replicas:
         if cpu_replicas < 1:
             raise ConfigError(f"--cpu_replicas must be at least 1, not {cpu_replicas}")
@@ -79,7 +78,7 @@ def make_strategy(name: str, cpu_replicas: int = 0):
         devices = [d.name for d in tf.config.list_logical_devices("CPU")]
         # One CPU's cross-device reduction: the NCCL default is for GPUs.
         return tf.distribute.MirroredStrategy(devices, cross_device_ops=tf.distribute.ReductionToOneDevice())
-    if not gpus:
+    if not tf.config.list_physical_devices("GPU"):
         print("note: --strategy mirrored found no GPU; training on one CPU replica (see --cpu_replicas)", flush=True)
     return tf.distribute.MirroredStrategy()
 

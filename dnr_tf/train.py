@@ -29,7 +29,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import yaml  # noqa: E402
 
-from dnr_tf import config_io  # noqa: E402
+from dnr_tf import config_io, distribute  # noqa: E402  (distribute imports TensorFlow only when called)
 from dnr_tf.config import ExperimentConfig  # noqa: E402
 
 FEATURES = ("item_ids", "retriever_scores", "history", "user_id")
@@ -51,7 +51,7 @@ def parse_args(argv=None) -> tuple[ExperimentConfig, str, str, str | None, dict]
     )
     parser.add_argument(
         "--strategy",
-        choices=("default", "mirrored", "multi_worker"),
+        choices=distribute.STRATEGIES,
         default="default",
         help="tf.distribute strategy: one device, every local GPU, or the TF_CONFIG cluster (docs/scaling.md)",
     )
@@ -242,8 +242,6 @@ def train(
     `strategy`, `cpu_replicas`: see `dnr_tf.distribute`. A worker other than the chief writes its
     files under `<model_dir>/workers/<task>-<index>/` and returns its own copy of the metrics.
     """
-    from dnr_tf import distribute
-
     dist = distribute.make_strategy(strategy, cpu_replicas)  # first: before any other TensorFlow work
     chief, worker = distribute.worker_role(strategy)
     if not chief:
