@@ -87,9 +87,7 @@ def bootstrap_mean(values, resamples: int = RESAMPLES, level: float = LEVEL, see
     return Interval(float(v.mean()), low, high, seeds=v.shape[0], lists=v.shape[1])
 
 
-def paired_difference(
-    a, b, resamples: int = RESAMPLES, level: float = LEVEL, seed: int = 0
-) -> Interval:
+def paired_difference(a, b, resamples: int = RESAMPLES, level: float = LEVEL, seed: int = 0) -> Interval:
     """Paired crossed bootstrap of the difference of two rows that share seeds and test lists.
 
     Row s of `a` and of `b` must be the same seed, column l the same test list. With
