@@ -1,13 +1,17 @@
-"""The study's report: tables with mean +- std over seeds, significance tests, robustness, figures.
+"""The study's report: tables with mean +- std over seeds, paired bootstrap intervals, robustness, figures.
 
 Used by `python -m dnr_tf.experiments` at the end of a plan; also
-`python -m dnr_tf.report --out reports/ml100k [--results_md docs/results.md]` to rewrite it from
-`results.json` alone.
+`python -m dnr_tf.report --out reports/ml100k [--results_md docs/results.md]` to rewrite one study's
+report from its `results.json` alone, and
+`python -m dnr_tf.report --headline reports/*/results.json --out docs/results.md` for the document
+that opens with the headline table over every study (see `headline`).
 
-Significance of a DNR row (dnr.enabled) against the best non-DNR trained row of the same table and
-data set, that row chosen by mean **validation** NDCG@6: a paired t-test over the seeds both rows
-share, and a paired bootstrap over the test lists (per-list NDCG@6 averaged over seeds, 2,000
-resamples, two-sided).
+Comparisons (`dnr_tf.stats`): the difference of test NDCG@6 between two rows, over the seeds BOTH rows
+have (never a row's other seeds) and the same test lists, from a paired bootstrap that resamples
+seeds and lists together (2,000 replicates): the mean difference and its 95% percentile interval
+first, then the two-sided bootstrap p-value after Holm's correction within the table's family of
+comparisons. In a study table the family is the DNR rows against the table's reference, the best
+non-DNR row by mean **validation** NDCG@6 (never test).
 """
 
 from __future__ import annotations
@@ -16,9 +20,12 @@ import argparse
 import json
 import math
 import os
+import sys
 from collections import defaultdict
 
 import numpy as np
+
+from dnr_tf import stats
 
 METRICS = ("hit@6", "ndcg@6", "map@6", "f1@6", "auc")
 SWEEPS = {"fig3_lambda_c": "dnr.lambda_c", "fig3_lambda_m": "dnr.lambda_m", "fig3_lambda_e": "dnr.lambda_e"}
@@ -44,29 +51,49 @@ def mean_std(values):
     return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
 
 
-def paired_t(a: dict, b: dict) -> float:
-    """p of a paired t-test of test NDCG@6 over shared seeds (NaN with fewer than 2)."""
-    from scipy import stats
-
-    seeds = sorted(set(a) & set(b))
-    if len(seeds) < 2:
-        return float("nan")
-    x, y = [a[s] for s in seeds], [b[s] for s in seeds]
-    if np.allclose(np.subtract(x, y), 0):
-        return 1.0
-    return float(stats.ttest_rel(x, y).pvalue)
+def shared_seeds(a_runs, b_runs) -> list[int]:
+    """The seeds both rows ran with, sorted."""
+    return sorted({r["seed"] for r in a_runs} & {r["seed"] for r in b_runs})
 
 
-def paired_bootstrap(a_runs, b_runs, n: int = 2000, seed: int = 0) -> float:
-    """Two-sided p of a paired bootstrap over test lists of the seed-averaged per-list NDCG@6."""
-    a = np.nanmean(np.array([r["per_list_test_ndcg"] for r in a_runs], dtype=float), axis=0)
-    b = np.nanmean(np.array([r["per_list_test_ndcg"] for r in b_runs], dtype=float), axis=0)
-    d = (a - b)[~np.isnan(a - b)]
-    if len(d) == 0:
-        return float("nan")
-    rng = np.random.default_rng(seed)
-    means = d[rng.integers(0, len(d), (n, len(d)))].mean(axis=1)
-    return float(min(1.0, 2 * min((means <= 0).mean(), (means >= 0).mean())))
+def compare(a_runs, b_runs, resamples: int = stats.RESAMPLES) -> stats.Interval | None:
+    """Test NDCG@6 of row a minus row b over their shared seeds and test lists (None without a shared seed).
+
+    Lists whose per-list NDCG@6 is missing (NaN) in any of the runs compared are left out of both arms.
+    """
+    seeds = shared_seeds(a_runs, b_runs)
+    if not seeds:
+        return None
+    a = {r["seed"]: r for r in a_runs}
+    b = {r["seed"]: r for r in b_runs}
+    lists = {len(x[s]["per_list_test_ndcg"]) for x in (a, b) for s in seeds}
+    if len(lists) != 1:
+        raise ValueError(
+            f"rows {a_runs[0]['row']} and {b_runs[0]['row']} ({a_runs[0]['dataset']}): per_list_test_ndcg "
+            f"lengths {sorted(lists)} differ; a paired comparison needs the same test lists"
+        )
+    va = np.array([a[s]["per_list_test_ndcg"] for s in seeds], dtype=np.float64)
+    vb = np.array([b[s]["per_list_test_ndcg"] for s in seeds], dtype=np.float64)
+    keep = np.isfinite(va).all(axis=0) & np.isfinite(vb).all(axis=0)
+    if not keep.any():
+        return None
+    return stats.paired_difference(va[:, keep], vb[:, keep], resamples=resamples)
+
+
+def holm_family(comparisons: list) -> list[float]:
+    """Holm-adjusted p of each comparison of one table (NaN where it could not be made)."""
+    raw = [c.p if c is not None else float("nan") for c in comparisons]
+    return [float(p) for p in stats.holm(raw)] if raw else []
+
+
+def _diff(c: stats.Interval | None) -> str:
+    return "" if c is None else f"{c.mean:+.4f} [{c.low:+.4f}, {c.high:+.4f}]"
+
+
+def _cmp_data(c: stats.Interval | None, p_holm: float) -> dict:
+    if c is None:
+        return {"diff": None, "ci95": None, "p_bootstrap": None, "p_holm": None, "seeds_shared": 0}
+    return {"diff": c.mean, "ci95": [c.low, c.high], "p_bootstrap": c.p, "p_holm": p_holm, "seeds_shared": c.seeds}
 
 
 def is_dnr(run) -> bool:
@@ -78,8 +105,8 @@ def _fmt(values) -> str:
     return f"{m:.4f} ± {s:.4f}"
 
 
-def _p(p: float) -> str:
-    return "" if math.isnan(p) else (f"{p:.3f}" if p >= 0.001 else "<0.001")
+def _p(p: float | None) -> str:
+    return "" if p is None or math.isnan(p) else (f"{p:.3f}" if p >= 0.001 else "<0.001")
 
 
 def table(groups, baselines, dataset: str, tag: str) -> tuple[list[str], list[dict]]:
@@ -89,10 +116,12 @@ def table(groups, baselines, dataset: str, tag: str) -> tuple[list[str], list[di
         return [], []
     direct = [(n, r) for n, r in rows if not is_dnr(r[0])]
     ref = max(direct, key=lambda nr: np.mean([x["valid"]["ndcg@6"] for x in nr[1]])) if direct else None
+    comparisons = {n: compare(r, ref[1]) for n, r in rows if ref is not None and is_dnr(r[0])}
+    adjusted = dict(zip(comparisons, holm_family(list(comparisons.values())), strict=True))
     lines = [
         "| model | seeds | "
         + " | ".join(m.upper() for m in METRICS)
-        + " | valid NDCG@6 | p (t, seeds) | p (bootstrap, lists) |",
+        + " | valid NDCG@6 | NDCG@6 - reference [95% CI] | p (Holm) |",
         "|---" * (len(METRICS) + 5) + "|",
     ]
     base = baselines.get(dataset, {}).get("metrics", {})
@@ -103,17 +132,13 @@ def table(groups, baselines, dataset: str, tag: str) -> tuple[list[str], list[di
             )
     data = []
     for name, runs in rows:
-        by_seed = {r["seed"]: r["test"]["ndcg@6"] for r in runs}
-        p_t = p_b = float("nan")
-        if ref is not None and is_dnr(runs[0]):
-            p_t = paired_t(by_seed, {r["seed"]: r["test"]["ndcg@6"] for r in ref[1]})
-            p_b = paired_bootstrap(runs, ref[1])
+        c, p_holm = comparisons.get(name), adjusted.get(name, float("nan"))
         label = f"**{name}**" if ref is not None and name == ref[0] else name
         cells = [_fmt([r["test"][m] for r in runs]) for m in METRICS]
         lines.append(
             f"| {label} | {len(runs)} | "
             + " | ".join(cells)
-            + f" | {_fmt([r['valid']['ndcg@6'] for r in runs])} | {_p(p_t)} | {_p(p_b)} |"
+            + f" | {_fmt([r['valid']['ndcg@6'] for r in runs])} | {_diff(c)} | {_p(p_holm)} |"
         )
         data.append(
             {
@@ -123,12 +148,15 @@ def table(groups, baselines, dataset: str, tag: str) -> tuple[list[str], list[di
                 "test": {m: mean_std([r["test"][m] for r in runs]) for m in METRICS},
                 "valid_ndcg@6": mean_std([r["valid"]["ndcg@6"] for r in runs]),
                 "reference": ref[0] if ref else None,
-                "p_ttest": p_t,
-                "p_bootstrap": p_b,
+                **(_cmp_data(c, p_holm) if name in comparisons else {}),
             }
         )
     if ref is not None:
-        lines.append(f"\nReference (best non-DNR row by validation NDCG@6, in bold): `{ref[0]}`.")
+        lines.append(
+            f"\nReference (best non-DNR row by validation NDCG@6, in bold): `{ref[0]}`. Each DNR row's difference "
+            "to it is over the seeds both rows have, with a 95% interval from a paired bootstrap over seeds and "
+            f"test lists; p is Holm-corrected over the {len(comparisons)} comparisons of this table."
+        )
     return lines, data
 
 
@@ -140,30 +168,27 @@ def own_backbone_lines(groups, dataset: str) -> tuple[list[str], list[dict]]:
     ]
     if not pairs:
         return [], []
+    pairs.sort()
+    comparisons = [compare(names[dnr_name], names[base + "_concat"]) for base, dnr_name in pairs]
+    adjusted = holm_family(comparisons)
     lines = [
-        "| reranker | seeds | direct (c score) | DNR-B | DNR-B - direct | p (t, seeds) | p (bootstrap, lists) |",
-        "|---|---|---|---|---|---|---|",
+        "| reranker | seeds | direct (c score) | DNR-B | DNR-B - direct [95% CI] | p (Holm) |",
+        "|---|---|---|---|---|---|",
     ]
     data = []
-    for base, dnr_name in sorted(pairs):
-        direct, dnr = names[base + "_concat"], names[dnr_name]
-        seeds = sorted({r["seed"] for r in direct} & {r["seed"] for r in dnr})
-        direct = [r for r in direct if r["seed"] in seeds]
-        dnr = [r for r in dnr if r["seed"] in seeds]
-        a = {r["seed"]: r["test"]["ndcg@6"] for r in direct}
-        b = {r["seed"]: r["test"]["ndcg@6"] for r in dnr}
-        diff = float(np.mean([b[k] - a[k] for k in seeds]))
-        p_t, p_b = paired_t(b, a), paired_bootstrap(dnr, direct)
-        lines.append(
-            f"| {base} | {len(seeds)} | {_fmt(list(a.values()))} | {_fmt(list(b.values()))} | {diff:+.4f} | "
-            f"{_p(p_t)} | {_p(p_b)} |"
-        )
-        data.append({"reranker": base, "seeds": len(seeds), "diff": diff, "p_ttest": p_t, "p_bootstrap": p_b})
+    for (base, dnr_name), c, p_holm in zip(pairs, comparisons, adjusted, strict=True):
+        seeds = shared_seeds(names[dnr_name], names[base + "_concat"])
+        a = [r["test"]["ndcg@6"] for r in names[base + "_concat"] if r["seed"] in seeds]
+        b = [r["test"]["ndcg@6"] for r in names[dnr_name] if r["seed"] in seeds]
+        lines.append(f"| {base} | {len(seeds)} | {_fmt(a)} | {_fmt(b)} | {_diff(c)} | {_p(p_holm)} |")
+        data.append({"reranker": base, "seeds": len(seeds), **_cmp_data(c, p_holm)})
     lines.append(
         "\nTest NDCG@6, mean ± std over the seeds both rows have; each DNR-B row is paired with the same "
-        "reranker trained directly (same seeds, same lists). `prm_i8` is PRM rerun with the code of the other "
-        "rows of this table (issue 8). The `_i9` rows rerun every pair after the fix of Keras' Adam on "
-        "embedding gradients (issue 9, docs/scaling.md); the rows without it ran before that fix."
+        "reranker trained directly (same seeds, same lists): the difference with its 95% interval from a paired "
+        f"bootstrap over seeds and lists, p Holm-corrected over the {len(pairs)} pairs of this table. `prm_i8` is "
+        "PRM rerun with the code of the other rows of this table (issue 8). The `_i9` rows rerun every pair after "
+        "the fix of Keras' Adam on embedding gradients (issue 9, docs/scaling.md); the rows without it ran before "
+        "that fix."
     )
     return lines, data
 
@@ -248,7 +273,10 @@ def density_figure(results, datasets, path: str) -> bool:
     candidates = [
         r
         for r in results
-        if r["dataset"] == "cascade" and r["config"]["dnr"]["enabled"] and r["config"]["dnr"]["model_based"]
+        if r["dataset"] == "cascade"
+        and r["config"]["dnr"]["enabled"]
+        and r["config"]["dnr"]["model_based"]
+        and os.path.isdir(r["_model_dir"])  # the runs' folders are not committed with results.json
     ]
     if not candidates:
         return False
@@ -301,18 +329,58 @@ def density_figure(results, datasets, path: str) -> bool:
     return True
 
 
-def write_report(summary: dict, out: str, results_md: str | None = None) -> str:
-    """Writes the Markdown report (and its figures) to `results_md` or `<out>/results.md`."""
+def study_lines(
+    summary: dict, out: str, fig_dir: str, rel: str, level: int = 2, prefix: str = ""
+) -> tuple[list[str], dict]:
+    """The body of one study's report (every table, robustness, figures) and its tables as data.
+
+    `level` is the Markdown level of a data set's heading (its tables one below); figures go to
+    `fig_dir` as `<prefix><data set>_<figure>.png`, linked through `rel`.
+    """
     results = summary["runs"]
     for r in results:
         r["_model_dir"] = os.path.join(out, "runs", r["run"])
     groups = group(results)
     baselines = summary.get("baselines", {})
+    h, hh = "#" * level, "#" * (level + 1)
+    lines, tables = [], {}
+    for ds in sorted({r["dataset"] for r in results}):
+        lines += [f"{h} Data set `{ds}` ({summary['datasets'][ds]['dir']})", ""]
+        for tag, title in TABLE_TITLES.items():
+            tlines, tdata = table(groups, baselines, ds, tag)
+            if tlines:
+                lines += [f"{hh} {title}", "", *tlines, ""]
+                tables[f"{ds}/{tag}"] = tdata
+        own, own_data = own_backbone_lines(groups, ds)
+        if own:
+            lines += [f"{hh} DNR-B against each reranker trained directly", "", *own, ""]
+            tables[f"{ds}/own_backbone"] = own_data
+        rob = robustness_lines(groups, ds)
+        if rob:
+            lines += [f"{hh} Robustness: NDCG@6 drop on test with perturbed retriever scores", "", *rob, ""]
+        gap = oracle_gap_lines(groups, baselines, ds)
+        if gap:
+            lines += [f"{hh} The oracle ceiling", "", *gap, ""]
+        for tag in SWEEPS:
+            name = f"{prefix}{ds}_{tag}.png"
+            if sweep_figure(groups, ds, tag, os.path.join(fig_dir, name)):
+                lines += [f"![{tag}]({rel}/{name})", ""]
+    fig5 = f"{prefix}fig5_scores.png"
+    has_models = any(r["dataset"] == "cascade" and os.path.isdir(r["_model_dir"]) for r in results)
+    if has_models and density_figure(results, summary["datasets"], os.path.join(fig_dir, fig5)):
+        lines += [f"{h} Figure 5 analog: real scores and generated x' by label", "", f"![fig5]({rel}/{fig5})", ""]
+    for r in results:
+        r.pop("_model_dir", None)
+    return lines, tables
+
+
+def write_report(summary: dict, out: str, results_md: str | None = None) -> str:
+    """Writes the Markdown report (and its figures) to `results_md` or `<out>/results.md`."""
+    results = summary["runs"]
     md_path = results_md or os.path.join(out, "results.md")
     fig_dir = os.path.join(os.path.dirname(os.path.abspath(md_path)), "figures")
     os.makedirs(fig_dir, exist_ok=True)
     rel = os.path.relpath(fig_dir, os.path.dirname(os.path.abspath(md_path)))
-    datasets = sorted({r["dataset"] for r in results})
     epochs = sorted({r["config"]["train"]["epochs"] for r in results})
     seeds = sorted({r["seed"] for r in results})
     command = (
@@ -330,40 +398,11 @@ def write_report(summary: dict, out: str, results_md: str | None = None) -> str:
         f"{len(results)} runs; epochs a run {epochs}; seeds {seeds}. The epoch of every run is picked on validation",
         "NDCG@6; every table reports test metrics, mean ± std over seeds, with ../shared/PROTOCOL.md's definitions",
         "and K = 6. The retriever's order, a random order (and on synthetic data the oracle's order) are measured",
-        "on the same test lists.",
+        "on the same test lists. A difference between two rows is taken over the seeds both rows have.",
         "",
     ]
-    tables = {}
-    for ds in datasets:
-        lines += [f"## Data set `{ds}` ({summary['datasets'][ds]['dir']})", ""]
-        for tag, title in TABLE_TITLES.items():
-            tlines, tdata = table(groups, baselines, ds, tag)
-            if tlines:
-                lines += [f"### {title}", "", *tlines, ""]
-                tables[f"{ds}/{tag}"] = tdata
-        own, own_data = own_backbone_lines(groups, ds)
-        if own:
-            lines += ["### DNR-B against each reranker trained directly", "", *own, ""]
-            tables[f"{ds}/own_backbone"] = own_data
-        rob = robustness_lines(groups, ds)
-        if rob:
-            lines += ["### Robustness: NDCG@6 drop on test with perturbed retriever scores", "", *rob, ""]
-        gap = oracle_gap_lines(groups, baselines, ds)
-        if gap:
-            lines += ["### The oracle ceiling", "", *gap, ""]
-        for tag in SWEEPS:
-            name = f"{ds}_{tag}.png"
-            if sweep_figure(groups, ds, tag, os.path.join(fig_dir, name)):
-                lines += [f"![{tag}]({rel}/{name})", ""]
-    if "cascade" in datasets and density_figure(results, summary["datasets"], os.path.join(fig_dir, "fig5_scores.png")):
-        lines += [
-            "## Figure 5 analog: real scores and generated x' by label",
-            "",
-            f"![fig5]({rel}/fig5_scores.png)",
-            "",
-        ]
-    for r in results:
-        r.pop("_model_dir", None)
+    body, tables = study_lines(summary, out, fig_dir, rel)
+    lines += body
     with open(md_path, "w") as f:
         f.write("\n".join(lines) + "\n")
     with open(os.path.join(out, "tables.json"), "w") as f:
@@ -373,9 +412,29 @@ def write_report(summary: dict, out: str, results_md: str | None = None) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dnr_tf.report", description=__doc__.split("\n")[0])
-    parser.add_argument("--out", required=True, help="the study's output folder (holds results.json)")
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="the study's output folder (holds results.json); with --headline, the Markdown file to write",
+    )
     parser.add_argument("--results_md", help="where the Markdown goes (default <out>/results.md)")
+    parser.add_argument(
+        "--headline",
+        nargs="+",
+        metavar="RESULTS_JSON",
+        help="write the headline document over these studies' results.json files to --out",
+    )
     args = parser.parse_args(argv)
+    if args.headline:
+        from dnr_tf.headline import load_summaries, write_headline
+
+        try:
+            summaries = load_summaries(args.headline)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(write_headline(summaries, args.out))
+        return 0
     with open(os.path.join(args.out, "results.json")) as f:
         summary = json.load(f)
     print(write_report(summary, args.out, args.results_md))
