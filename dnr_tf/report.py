@@ -197,7 +197,7 @@ def robustness_lines(groups, dataset: str) -> list[str]:
     runs = [(name, rs) for (ds, name), rs in groups.items() if ds == dataset and rs[0].get("robustness")]
     if not runs:
         return []
-    kinds = [k for k in runs[0][1][0]["robustness"] if k != "clean"]
+    kinds = list(dict.fromkeys(k for _, rs in runs for r in rs for k in r["robustness"] if k != "clean"))
     if not kinds:
         return []
     lines = [
@@ -206,7 +206,14 @@ def robustness_lines(groups, dataset: str) -> list[str]:
     ]
     for name, rs in runs:
         clean = [r["robustness"]["clean"]["ndcg@6"] for r in rs]
-        drops = [_fmt([r["robustness"]["clean"]["ndcg@6"] - r["robustness"][k]["ndcg@6"] for r in rs]) for k in kinds]
+        drops = [
+            _fmt(
+                [r["robustness"]["clean"]["ndcg@6"] - r["robustness"][k]["ndcg@6"] for r in rs if k in r["robustness"]]
+            )
+            if any(k in r["robustness"] for r in rs)
+            else "n/a"  # a kind this row was not evaluated under (e.g. `retrained` before it existed)
+            for k in kinds
+        ]
         lines.append(f"| {name} | {_fmt(clean)} | " + " | ".join(drops) + " |")
     return lines
 

@@ -1,0 +1,152 @@
+"""The report and the headline on a small results.json written here (no training)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from dnr_tf import headline as hl
+from dnr_tf import report
+from dnr_tf.stats import holm
+
+LISTS = 20
+
+
+def _run(row, dataset, seed, per_list, valid, arm=None, epochs=10, best=5, retrained=None, dnr=False, **extra):
+    per_list = [float(v) for v in per_list]
+    test = float(np.mean(per_list))
+    run = {
+        "run": f"{row}__{dataset}__s{seed}",
+        "row": row,
+        "dataset": dataset,
+        "seed": seed,
+        "tables": [],
+        "config": {"dnr": {"enabled": dnr}, "train": {"epochs": epochs}},
+        "best_epoch": best,
+        "valid": {"ndcg@6": valid},
+        "test": {m: test for m in report.METRICS},
+        "robustness": {"clean": {"ndcg@6": test}},
+        "per_list_test_ndcg": per_list,
+        **extra,
+    }
+    if retrained is not None:
+        run["robustness"]["retrained"] = {"ndcg@6": test - retrained}
+    if arm is not None:
+        run["arm"] = arm
+    return run
+
+
+def _summary():
+    rng = np.random.default_rng(0)
+    base = rng.random(LISTS) * 0.5
+    runs = []
+    for s in range(4):
+        # best by validation, worse on test
+        runs.append(_run("direct_a", "ml", s, base + 0.01 * s, valid=0.30, arm="direct", retrained=0.02, best=10))
+        # best on test, worse on validation: must not be the reference
+        runs.append(_run("direct_b", "ml", s, base + 0.2, valid=0.20, arm="direct"))
+        runs.append(_run("dnr_g", "ml", s, base - 0.03 + rng.normal(0, 0.01, LISTS), 0.25, arm="dnr_g", dnr=True))
+    for s in range(3):  # DNR-B lacks seed 3
+        runs.append(_run("dnr_b", "ml", s, base + 0.01 * s - 0.05, valid=0.28, arm="dnr_b", dnr=True, retrained=0.1))
+        runs.append(_run("cal", "ml", s, base + rng.normal(0, 0.05, LISTS), valid=0.27, arm="calibrated", dnr=True))
+        runs.append(
+            _run(
+                "warm", "ml", s, base - 0.03, 0.2, arm="warm", dnr=True, question="Does a warm-started generator help?"
+            )
+        )
+        runs.append(
+            _run("eq8", "ml", s, base - 0.02, 0.2, arm="eq8", dnr=True, question="Eq. 8 as printed?", reference="dnr_g")
+        )
+        runs.append(_run("p_concat", "paper", s, base + 0.4, valid=0.5, arm="direct"))
+        runs.append(_run("p_none", "paper", s, base + 0.3, valid=0.4, arm="direct"))
+        runs.append(_run("p_dnr_b", "paper", s, base + 0.45, valid=0.55, arm="dnr_b", dnr=True))
+    return {
+        "plan": "tiny",
+        "plan_path": "configs/study/tiny.yaml",
+        "datasets": {
+            "ml": {"dir": "data/ml", "label": "ML, MF (weak)", "leaky": False},
+            "paper": {"dir": "data/paper", "label": "ML, paper", "leaky": True},
+        },
+        "baselines": {},
+        "runs": runs,
+    }
+
+
+def test_compare_uses_only_the_shared_seeds():
+    groups = report.group(_summary()["runs"])
+    a, b = groups[("ml", "dnr_b")], groups[("ml", "direct_a")]
+    assert report.shared_seeds(a, b) == [0, 1, 2]
+    c = report.compare(a, b, resamples=200)
+    # dnr_b - direct_a = -0.05 on every list of the shared seeds; seed 3 of direct_a (+0.03) would move it
+    assert c.seeds == 3 and c.lists == LISTS
+    assert c.mean == pytest.approx(-0.05) and c.high == pytest.approx(-0.05)
+    assert report.compare(a, [dict(r, seed=r["seed"] + 10) for r in b]) is None
+    with pytest.raises(ValueError, match="per_list_test_ndcg lengths"):
+        report.compare(a, [dict(r, per_list_test_ndcg=[0.0]) for r in b])
+
+
+def test_headline_best_direct_by_validation_holm_and_leaky_apart():
+    summaries = [("reports/tiny/results.json", _summary())]
+    lines, data = hl.headline(summaries, resamples=300)
+    rows = [(d["label"], d["arm"], d["row"], d["reference"]) for d in data["headline"]]
+    assert rows == [
+        ("ML, MF (weak)", "direct", "direct_a", "direct_a"),
+        ("ML, MF (weak)", "dnr_b", "dnr_b", "direct_a"),
+        ("ML, MF (weak)", "dnr_g", "dnr_g", "direct_a"),
+        ("ML, MF (weak)", "calibrated", "cal", "direct_a"),
+    ]
+    by_row = {d["row"]: d for d in data["headline"]}
+    assert by_row["dnr_b"]["seeds_shared"] == 3 and by_row["dnr_g"]["seeds_shared"] == 4
+    assert by_row["dnr_b"]["diff"] == pytest.approx(-0.05)
+    compared = [by_row[r] for r in ("dnr_b", "dnr_g", "cal")]
+    np.testing.assert_allclose([d["p_holm"] for d in compared], holm([d["p_bootstrap"] for d in compared]))
+    assert all(d["ci95"][0] <= d["diff"] <= d["ci95"][1] for d in compared)
+
+    # the paper's construction: its own table, every direct row, labelled leaky, its own Holm family
+    assert {d["label"] for d in data["leaky"]} == {"ML, paper"} and all(d["leaky"] for d in data["leaky"])
+    assert [d["row"] for d in data["leaky"]] == ["p_concat", "p_none", "p_dnr_b"]
+    leaky_cmp = [d for d in data["leaky"] if "p_holm" in d]
+    np.testing.assert_allclose([d["p_holm"] for d in leaky_cmp], holm([d["p_bootstrap"] for d in leaky_cmp]))
+    text = "\n".join(lines)
+    main_table = text[: text.index("## The paper's construction")]
+    assert "p_concat" not in main_table and "ML, paper" not in main_table
+    assert "| ML, paper (leaky) | best direct | `p_concat` |" in text
+    assert "| ML, MF (weak) | best direct | `direct_a` |" in text
+    # drop under the retrained retriever and the best-epoch distribution
+    assert "| 0.0200 ± 0.0000 |" in text and "| n/a |" in text
+    assert "10/10/10 (4 of 4 at last)" in text and "5/5/5 (0 of 3 at last)" in text
+
+    ablations = {d["row"]: d for d in data["ablations"]}
+    # warm - dnr_b = -0.03 - (0.01 s - 0.05) over seeds 0-2: 0.02 - 0.01 = +0.01
+    assert ablations["warm"]["reference"] == "dnr_b" and ablations["warm"]["diff"] == pytest.approx(0.01)
+    assert ablations["eq8"]["reference"] == "dnr_g"
+    assert "Does a warm-started generator help?" in text
+
+
+def test_old_results_without_arms_still_load():
+    summary = _summary()
+    for r in summary["runs"]:
+        r.pop("arm")
+    summary["datasets"] = {"ml": {"dir": "data/ml"}, "paper": {"dir": "data/paper"}}
+    _, data = hl.headline([("old.json", summary)], resamples=100)
+    # non-DNR rows count as direct; a DNR row's arm is its name: `dnr_b` and `dnr_g` are headline arms, `cal` not
+    assert [d["row"] for d in data["headline"]] == ["direct_a", "dnr_b", "dnr_g"]
+    assert {d["label"] for d in data["headline"]} == {"tiny / ml"}
+    assert [d["row"] for d in data["leaky"]] == ["p_concat", "p_none"]  # a data set named `paper` is leaky
+
+
+def test_cli_writes_the_headline_first_and_refuses_a_missing_file(tmp_path, capsys):
+    path = tmp_path / "tiny" / "results.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(_summary()))
+    md = tmp_path / "docs" / "results.md"
+    md.parent.mkdir()
+    assert report.main(["--headline", str(path), "--out", str(md)]) == 0
+    text = md.read_text()
+    assert text.startswith("# Results")
+    first = text.index("## ")
+    assert text[first:].startswith("## Headline")
+    assert text.index("## The paper's construction") < text.index("## Ablations") < text.index("## Study `tiny`")
+    missing = tmp_path / "nope" / "results.json"
+    assert report.main(["--headline", str(path), str(missing), "--out", str(md)]) == 2
+    assert f"{missing}: no such results.json" in capsys.readouterr().err
