@@ -71,6 +71,7 @@ class DataSet:
         self.baselines = summary.get("baselines", {}).get(name, {}).get("metrics", {})
         runs = summary["runs"]
         explicit = any("arm" in r for r in runs)
+        self.inferred = not explicit
         self.rows: dict[str, list[dict]] = {}
         for (ds, row), rs in report.group(runs).items():
             if ds == name:
@@ -269,6 +270,13 @@ def headline(summaries: list[tuple[str, dict]], resamples: int = report.stats.RE
         "min/median/max over seeds, and how many runs selected the last epoch they were allowed (not converged)."
     )
     lines += ["## Headline: best direct reranker, DNR-B, DNR-G and the calibrated sampler", ""]
+    inferred = sorted({ds.plan for ds in sets if ds.inferred})
+    if inferred:
+        lines += [
+            f"Results of {', '.join(f'`{p}`' for p in inferred)} predate the run field `arm`: there every non-DNR "
+            "row competes as `direct` (ablation rows too) and a DNR row's arm is its name.",
+            "",
+        ]
     if main:
         tlines, data["headline"] = comparison_table(main, resamples)
         lines += [*tlines, "", what.format(n=sum(1 for e in main if e[3] and e[3] != e[2])), ""]

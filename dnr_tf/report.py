@@ -152,11 +152,14 @@ def table(groups, baselines, dataset: str, tag: str) -> tuple[list[str], list[di
             }
         )
     if ref is not None:
-        lines.append(
-            f"\nReference (best non-DNR row by validation NDCG@6, in bold): `{ref[0]}`. Each DNR row's difference "
-            "to it is over the seeds both rows have, with a 95% interval from a paired bootstrap over seeds and "
-            f"test lists; p is Holm-corrected over the {len(comparisons)} comparisons of this table."
-        )
+        note = f"\nReference (best non-DNR row by validation NDCG@6, in bold): `{ref[0]}`."
+        if comparisons:
+            note += (
+                " Each DNR row's difference to it is over the seeds both rows have, with a 95% interval from a "
+                "paired bootstrap over seeds and test lists; p is Holm-corrected over the "
+                f"{len(comparisons)} comparisons of this table."
+            )
+        lines.append(note)
     return lines, data
 
 

@@ -128,7 +128,8 @@ def test_old_results_without_arms_still_load():
     for r in summary["runs"]:
         r.pop("arm")
     summary["datasets"] = {"ml": {"dir": "data/ml"}, "paper": {"dir": "data/paper"}}
-    _, data = hl.headline([("old.json", summary)], resamples=100)
+    lines, data = hl.headline([("old.json", summary)], resamples=100)
+    assert "predate the run field `arm`" in "\n".join(lines)
     # non-DNR rows count as direct; a DNR row's arm is its name: `dnr_b` and `dnr_g` are headline arms, `cal` not
     assert [d["row"] for d in data["headline"]] == ["direct_a", "dnr_b", "dnr_g"]
     assert {d["label"] for d in data["headline"]} == {"tiny / ml"}
