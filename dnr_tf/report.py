@@ -379,6 +379,15 @@ def study_lines(
     has_models = any(r["dataset"] == "cascade" and os.path.isdir(r["_model_dir"]) for r in results)
     if has_models and density_figure(results, summary["datasets"], os.path.join(fig_dir, fig5)):
         lines += [f"{h} Figure 5 analog: real scores and generated x' by label", "", f"![fig5]({rel}/{fig5})", ""]
+    elif os.path.exists(os.path.join(fig_dir, fig5)):  # drawn earlier, when the trained models were at hand
+        lines += [
+            f"{h} Figure 5 analog: real scores and generated x' by label",
+            "",
+            "(Drawn by an earlier report of these runs; the trained models are not kept with results.json.)",
+            "",
+            f"![fig5]({rel}/{fig5})",
+            "",
+        ]
     for r in results:
         r.pop("_model_dir", None)
     return lines, tables
