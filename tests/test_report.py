@@ -151,3 +151,27 @@ def test_cli_writes_the_headline_first_and_refuses_a_missing_file(tmp_path, caps
     missing = tmp_path / "nope" / "results.json"
     assert report.main(["--headline", str(path), str(missing), "--out", str(md)]) == 2
     assert f"{missing}: no such results.json" in capsys.readouterr().err
+
+
+def test_study_tables_holm_within_each_table():
+    summary = _summary()
+    for r in summary["runs"]:
+        r["tables"] = ["t1"] if r["dataset"] == "ml" else []
+    groups = report.group(summary["runs"])
+    _, data = report.table(groups, {}, "ml", "t1")
+    assert {d["reference"] for d in data} == {"direct_a"}  # best non-DNR row by validation, not by test
+    dnr = [d for d in data if d["dnr"]]
+    assert len(dnr) == 5 and all("p_holm" in d for d in dnr)
+    np.testing.assert_allclose([d["p_holm"] for d in dnr], holm([d["p_bootstrap"] for d in dnr]))
+    assert next(d for d in dnr if d["row"] == "dnr_b")["seeds_shared"] == 3
+
+    # DNR-B against the same reranker trained directly: its own family of pairs
+    runs = [dict(r, row="x_concat") for r in groups[("ml", "direct_a")]]
+    runs += [dict(r, row="x_dnr_b") for r in groups[("ml", "dnr_b")]]
+    runs += [dict(r, row="y_concat") for r in groups[("ml", "direct_b")]]
+    runs += [dict(r, row="y_dnr_b") for r in groups[("ml", "dnr_g")]]
+    lines, pairs = report.own_backbone_lines(report.group(runs), "ml")
+    assert [(p["reranker"], p["seeds"]) for p in pairs] == [("x", 3), ("y", 4)]
+    assert pairs[0]["diff"] == pytest.approx(-0.05)
+    np.testing.assert_allclose([p["p_holm"] for p in pairs], holm([p["p_bootstrap"] for p in pairs]))
+    assert "| x | 3 |" in "\n".join(lines)
