@@ -130,10 +130,6 @@ def _drop(runs) -> str:
     return cell if len(drops) == len(runs) else f"{cell} ({len(drops)} seeds)"
 
 
-def _seeds(runs) -> str:
-    return ",".join(str(r["seed"]) for r in runs)
-
-
 def comparison_table(entries, resamples: int) -> tuple[list[str], list[dict]]:
     """Rows (data set, arm, row name, reference row name or None) -> the headline-style table and its data.
 
