@@ -168,7 +168,7 @@ def check_configs(plan: Plan) -> int:
     """
     count = 0
     for work in works_of(plan):
-        setting = trial_setting(plan, work) if work.k is not None else {}
+        setting = trial_setting(plan, work, None) if work.k is not None else {}
         try:
             experiment_config(plan, work.row, work.seed, work.dataset, setting)
         except config_io.ConfigError as e:
@@ -241,8 +241,14 @@ def experiment_config(
     return config_io.from_dict(ExperimentConfig, config_io.apply_overrides(data, overrides))
 
 
-def trial_setting(plan: Plan, work: Work) -> dict:
+def trial_setting(plan: Plan, work: Work, out: str | None) -> dict | None:
+    """Trial k's setting: a draw, or for trial 0 of a light re-tune the setting chosen on the data set
+    it starts from (None while that one's trials are not all done). `out` None: a draw (to check configs).
+    """
     tune = tuning.resolve(plan, work.row, work.dataset)
+    if work.k == 0 and tune.warm and out is not None:
+        record = tuning_record(plan, work.row, tune.warm, out)
+        return None if record is None else dict(record["chosen"])
     return tuning.draw(tune.space, plan.tune_seed, work.row.name, work.dataset, work.k)
 
 
@@ -329,7 +335,16 @@ def tuning_record(plan: Plan, row: Row, dataset: str, out: str) -> dict | None:
     """
     tune = tuning.resolve(plan, row, dataset)
     if tune is None:
-        return {"budget": 0, "tuned_on": None, "seed": None, "monitor": None, "trials": [], "chosen": {}}
+        return {
+            "budget": 0,
+            "tuned_on": None,
+            "warm_from": None,
+            "described": "untuned",
+            "seed": None,
+            "monitor": None,
+            "trials": [],
+            "chosen": {},
+        }
     trials = []
     for k in range(tune.trials):
         result = read_result(out, trial_id(row.name, tune.source, k))
@@ -341,6 +356,8 @@ def tuning_record(plan: Plan, row: Row, dataset: str, out: str) -> dict | None:
     return {
         "budget": tune.trials,
         "tuned_on": tune.source,
+        "warm_from": tune.warm,
+        "described": tune.describe(plan, row),
         "seed": plan.tune_seed,
         "monitor": monitor,
         "space": tune.space,
@@ -354,7 +371,9 @@ def do_work(plan: Plan, work: Work, out: str) -> dict | None:
     """Runs one piece of work, or returns None when it must wait for its row's trials."""
     row, dataset = work.row, work.dataset
     if work.k is not None:
-        setting = trial_setting(plan, work)
+        setting = trial_setting(plan, work, out)
+        if setting is None:
+            return None
         extra = {"trial": work.k, "setting": setting, "phase": "tune"}
         return run_one(plan, row, dataset, work.seed, out, setting, work.run, extra)
     record = tuning_record(plan, row, dataset, out)
@@ -401,8 +420,9 @@ def run_plan(
     With `shard` (i, n), only runs i, i + n, i + 2n, ... of the work list (trials first, then seed
     runs) are trained and None is returned: several processes can share a plan; a last call without a
     shard collects (and trains what is missing). A seed run of a tuned row waits for all the row's
-    trials: a shard passes over it while another shard's trial is missing and retries it after its
-    other work; a later call picks up what is still waiting. `phase`: `tune` runs only the trials,
+    trials (and trial 0 of a light re-tune for the trials it starts from): a shard passes over it
+    while another shard's trial is missing and retries it after its other work; a later call picks
+    up what is still waiting. `phase`: `tune` runs only the trials,
     `final` only the seed runs (those whose trials are done), `all` both.
     """
     os.makedirs(os.path.join(out, "runs"), exist_ok=True)
@@ -432,7 +452,7 @@ def run_plan(
         mine = waiting
         if waiting and not progressed:
             names = ", ".join(w.run for _, w in waiting[:3]) + (", ..." if len(waiting) > 3 else "")
-            progress(f"[study] {len(waiting)} seed runs wait for trials of other shards ({names}): run again")
+            progress(f"[study] {len(waiting)} runs wait for trials of other shards ({names}): run again")
             break
     if count > 1 or phase != "all" or waiting:
         return None
@@ -459,7 +479,7 @@ def budget_table(plan: Plan) -> list[str]:
     for row in plan.rows:
         for dataset in row.datasets:
             tune = tuning.resolve(plan, row, dataset)
-            how = "untuned" if tune is None else f"{tune.trials} trials on {tune.source}"
+            how = "untuned" if tune is None else tune.describe(plan, row)
             lines.append(f"{row.name:28s} {dataset:16s} {how:24s} seeds {list(row_seeds(plan, row))}")
     works = works_of(plan)
     trials = sum(w.k is not None for w in works)

@@ -4,9 +4,12 @@ A plan row may carry
     tune: {trials: 8, space: {train.learning_rate: {loguniform: [1e-4, 3e-3]},
                               model.hidden_dim: {choice: [32, 64, 128]}},
            datasets: {beauty: {trials: 3}, sim70: {from: cascade}}}
-and a plan data set `tune: {trials: n}` or `tune: {from: DATASET}` for every tuned row on it. The
-trial count on a data set is, first found: the row's `tune.datasets.<name>`, the data set's `tune`,
-the row's `tune.trials`, the plan's `tune_trials`. `from: D` reuses the setting the row chose on D.
+and a plan data set `tune: {trials: n}`, `{from: DATASET}` or `{trials: n, from: DATASET}` for every
+tuned row on it. The trial count on a data set is, first found: the row's `tune.datasets.<name>`, the
+data set's `tune`, the row's `tune.trials`, the plan's `tune_trials`. `{from: D}` alone reuses the
+setting the row chose on D (no trials here); `{trials: n, from: D}` re-tunes lightly: trial 0 is the
+setting chosen on D, trials 1 .. n-1 are fresh draws, and the best of the n on this data set's
+validation split wins (so a light re-tune is never worse on validation than the transferred setting).
 
 Draw k of a row on a data set is seeded by (plan `tune_seed`, row, data set, k) alone, so it does
 not depend on sharding, on the order of the plan or on the trial count (a larger budget extends it).
@@ -32,15 +35,19 @@ class Tuning:
         trials: random-search trials behind the chosen setting (on `source`).
         source: the data set whose validation split chose the setting (the row's own, or `from`'s).
         space: config key -> spec.
+        warm: the data set whose chosen setting is trial 0 (a light re-tune), or None.
     """
 
     trials: int
     source: str
     space: dict
+    warm: str | None = None
 
-    @property
-    def budget(self) -> tuple[int, str]:
-        return (self.trials, self.source)
+    def describe(self, plan, row) -> str:
+        text = f"{self.trials} trials on {self.source}"
+        if self.warm:
+            text += f" (trial 0: the choice of {resolve_own(plan, row, self.warm).trials} trials on {self.warm})"
+        return text
 
 
 def check_space(space, where: str) -> None:
@@ -119,7 +126,7 @@ def resolve(plan, row, dataset: str) -> Tuning | None:
     override = per_dataset.get(dataset)
     if override is None:
         override = plan.datasets[dataset].tune or {}
-    if "from" in override:
+    if "from" in override and "trials" not in override:
         source = override["from"]
         if source == dataset or source not in row.datasets:
             raise ConfigError(
@@ -138,12 +145,21 @@ def resolve_own(plan, row, dataset: str) -> Tuning:
     override = (tune.get("datasets") or {}).get(dataset)
     if override is None:
         override = plan.datasets[dataset].tune or {}
-    if "from" in override:
+    if "from" in override and "trials" not in override:
         raise ConfigError(f"{where}: data set {dataset} reuses another's setting, so no row can take it `from` there")
     trials = override.get("trials", tune.get("trials", plan.tune_trials))
     if not isinstance(trials, int) or isinstance(trials, bool) or trials < 1:
         raise ConfigError(f"{where}: trials on {dataset} must be an integer >= 1 (row tune.trials or plan tune_trials)")
-    return Tuning(trials=trials, source=dataset, space=tune["space"])
+    warm = override.get("from")
+    if warm is not None:
+        if warm == dataset or warm not in row.datasets:
+            raise ConfigError(
+                f"{where}: from {warm!r} on data set {dataset} must name another data set the row runs on "
+                f"({', '.join(d for d in row.datasets if d != dataset) or 'none'})"
+            )
+        if resolve_own(plan, row, warm).warm is not None:
+            raise ConfigError(f"{where}: data set {warm} re-tunes from another, so {dataset} cannot start from it")
+    return Tuning(trials=trials, source=dataset, space=tune["space"], warm=warm)
 
 
 def check_row(plan, row) -> None:
@@ -167,8 +183,10 @@ def check_row(plan, row) -> None:
 
 
 def check_override(override, where: str) -> None:
-    if not isinstance(override, dict) or len(override) != 1 or next(iter(override)) not in ("trials", "from"):
-        raise ConfigError(f"{where} must be {{trials: N}} or {{from: DATASET}}, not {override!r}")
+    if not isinstance(override, dict) or not override or set(override) - {"trials", "from"}:
+        raise ConfigError(
+            f"{where} must be {{trials: N}}, {{from: DATASET}} or {{trials: N, from: DATASET}}, not {override!r}"
+        )
 
 
 def check_budgets(plan) -> None:
@@ -180,7 +198,7 @@ def check_budgets(plan) -> None:
     for row in plan.rows:
         for dataset in row.datasets:
             tuning = resolve(plan, row, dataset)
-            text = "untuned" if tuning is None else f"{tuning.trials} trials on {tuning.source}"
+            text = "untuned" if tuning is None else tuning.describe(plan, row)
             for table in row.tables:
                 budgets.setdefault((table, dataset), {})[row.name] = text
     for (table, dataset), rows in budgets.items():

@@ -287,3 +287,24 @@ def test_from_reuses_another_datasets_setting(stubbed, tmp_path, capsys):
     open(plan, "w").write(yaml.safe_dump(data))
     assert main(["--plan", plan, "--out", str(out)]) == 2
     assert "no row can take it `from` there" in capsys.readouterr().err
+
+
+def test_light_retune_starts_from_the_other_datasets_choice(stubbed, tmp_path):
+    plan = write_plan(tmp_path, [tuned_row("prm", datasets=["a", "b"])], seeds=[0])
+    data = yaml.safe_load(open(plan))
+    data["datasets"]["b"]["tune"] = {"trials": 2, "from": "a"}
+    open(plan, "w").write(yaml.safe_dump(data))
+    out = tmp_path / "out"
+    assert main(["--plan", plan, "--out", str(out), "--shard", "1/2"]) == 0
+    assert main(["--plan", plan, "--out", str(out)]) == 0
+    assert sorted(stubbed) == ["prm__a__t0", "prm__a__t1", "prm__a__t2", "prm__b__t0", "prm__b__t1"]
+    by_run = {r["run"]: r for r in json.loads((out / "results.json").read_text())["runs"]}
+    a, b = by_run["prm__a__s0"]["tuning"], by_run["prm__b__s0"]["tuning"]
+    assert b["budget"] == 2 and b["tuned_on"] == "b" and b["warm_from"] == "a"
+    assert b["described"] == "2 trials on b (trial 0: the choice of 3 trials on a)"
+    assert b["trials"][0]["setting"] == a["chosen"]
+    assert b["trials"][1]["setting"] == tuning.draw(
+        {"train.learning_rate": SPACE["train.learning_rate"]}, 0, "prm", "b", 1
+    )
+    best = max(b["trials"], key=lambda t: t["valid"])
+    assert b["chosen"] == best["setting"] and by_run["prm__b__s0"]["reused_trial"] == best["run"]
