@@ -87,6 +87,7 @@ class Dataset:
         tune: `{trials: n}` or `{from: DATASET}` for every tuned row on it (a row's own
             `tune.datasets.<name>` wins).
         robustness: the perturbations evaluated on it (None: the plan's).
+        seeds: the seeds of every row on it that does not give its own (None: the plan's).
     """
 
     dir: str
@@ -98,6 +99,7 @@ class Dataset:
     set: dict | None = None
     tune: dict | None = None
     robustness: tuple[str, ...] | None = None
+    seeds: tuple[int, ...] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,15 +187,19 @@ def trial_id(row: str, dataset: str, k: int) -> str:
     return f"{row}__{dataset}__t{k}"
 
 
-def row_seeds(plan: Plan, row: Row) -> tuple[int, ...]:
-    return row.seeds if row.seeds is not None else plan.seeds
+def row_seeds(plan: Plan, row: Row, dataset: str) -> tuple[int, ...]:
+    """The row's own seeds, else its data set's, else the plan's."""
+    if row.seeds is not None:
+        return row.seeds
+    ds = plan.datasets[dataset].seeds
+    return ds if ds is not None else plan.seeds
 
 
 def runs_of(plan: Plan):
     """(row, dataset name, seed) of every seed run, in plan order."""
     for row in plan.rows:
         for dataset in row.datasets:
-            for seed in row_seeds(plan, row):
+            for seed in row_seeds(plan, row, dataset):
                 yield row, dataset, seed
 
 
@@ -480,7 +486,7 @@ def budget_table(plan: Plan) -> list[str]:
         for dataset in row.datasets:
             tune = tuning.resolve(plan, row, dataset)
             how = "untuned" if tune is None else tune.describe(plan, row)
-            lines.append(f"{row.name:28s} {dataset:16s} {how:24s} seeds {list(row_seeds(plan, row))}")
+            lines.append(f"{row.name:28s} {dataset:16s} {how:24s} seeds {list(row_seeds(plan, row, dataset))}")
     works = works_of(plan)
     trials = sum(w.k is not None for w in works)
     reused = sum(

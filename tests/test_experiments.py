@@ -272,12 +272,14 @@ def test_from_reuses_another_datasets_setting(stubbed, tmp_path, capsys):
     assert "on data set b: prm 3 trials on a, dnr_b 1 trials on b" in capsys.readouterr().err
     del rows[1]["tune"]["datasets"]
     data["rows"] = rows
+    data["datasets"]["b"]["seeds"] = [0]  # a data set's own seeds
     open(plan, "w").write(yaml.safe_dump(data))
     out = tmp_path / "out"
     assert main(["--plan", plan, "--out", str(out)]) == 0
     assert not any("__b__t" in c for c in stubbed)  # no trials on b
     results = json.loads((out / "results.json").read_text())
     by_run = {r["run"]: r for r in results["runs"]}
+    assert sorted(by_run) == sorted(f"{n}__{d}" for n in ("prm", "dnr_b") for d in ("a__s0", "a__s1", "b__s0"))
     for name in ("prm", "dnr_b"):
         a, b = by_run[f"{name}__a__s0"]["tuning"], by_run[f"{name}__b__s0"]["tuning"]
         assert b["tuned_on"] == "a" and b["chosen"] == a["chosen"] and "reused_trial" not in by_run[f"{name}__b__s0"]
