@@ -367,7 +367,7 @@ def tuning_record(plan: Plan, row: Row, dataset: str, out: str) -> dict | None:
         "seed": plan.tune_seed,
         "monitor": monitor,
         "space": tune.space,
-        "trials": [{"run": t["run"], "setting": t["setting"], "valid": t["valid"][monitor]} for t in trials],
+        "trials": [{"run": t["run"], "setting": t["setting"], "valid": t["valid"].get(monitor)} for t in trials],
         "chosen": best["setting"],
         "chosen_trial": best["run"],
     }
@@ -381,7 +381,12 @@ def do_work(plan: Plan, work: Work, out: str) -> dict | None:
         if setting is None:
             return None
         extra = {"trial": work.k, "setting": setting, "phase": "tune"}
-        return run_one(plan, row, dataset, work.seed, out, setting, work.run, extra)
+        try:
+            return run_one(plan, row, dataset, work.seed, out, setting, work.run, extra)
+        except Exception as e:  # noqa: BLE001 - a diverged trial is a result (never chosen); anything else raises
+            if type(e).__name__ != "NonFiniteLoss":
+                raise
+            return failed_trial(plan, work, out, setting, extra, str(e))
     record = tuning_record(plan, row, dataset, out)
     if record is None:
         return None
@@ -397,6 +402,28 @@ def do_work(plan: Plan, work: Work, out: str) -> dict | None:
         write_result(model_dir, result)
         return result
     return run_one(plan, row, dataset, work.seed, out, record["chosen"], work.run, extra)
+
+
+def failed_trial(plan: Plan, work: Work, out: str, setting: dict, extra: dict, error: str) -> dict:
+    """The result of a trial whose training stopped on a non-finite loss: no scores, never chosen."""
+    cfg = experiment_config(plan, work.row, work.seed, work.dataset, setting)
+    result = {
+        "run": work.run,
+        "row": work.row.name,
+        "dataset": work.dataset,
+        "seed": work.seed,
+        "tables": list(work.row.tables),
+        **row_fields(plan, work.row),
+        **extra,
+        "config": config_io.to_dict(cfg),
+        "failed": error,
+        "best_epoch": None,
+        "valid": {},
+        "test": {},
+        "wall_seconds": 0.0,
+    }
+    write_result(os.path.join(out, "runs", work.run), result)
+    return result
 
 
 def baselines(plan: Plan, out: str) -> dict:
@@ -451,6 +478,9 @@ def run_plan(
                 waiting.append((i, work))
                 continue
             progressed = True
+            if "failed" in result:
+                progress(f"[study] {i}/{len(todo)} {result['run']}: failed, never chosen ({result['failed']})")
+                continue
             progress(
                 f"[study] {i}/{len(todo)} {result['run']}: valid ndcg@6 {result['valid']['ndcg@6']:.4f} "
                 f"(best epoch {result['best_epoch']}, {result['wall_seconds']:.0f}s)"

@@ -108,12 +108,17 @@ def draw(space: dict, tune_seed: int, row: str, dataset: str, k: int) -> dict:
 def choose(trials: list[dict], monitor: str) -> dict:
     """The trial with the highest validation `monitor` (the first on a tie). Test is never read.
 
+    A trial that failed (a non-finite loss: no validation score) or scored NaN is never chosen.
+
     Args:
         trials: result dicts of one row's trials, each with `trial` (k) and `valid` (metrics).
     """
-    if not trials:
-        raise ValueError("no trials to choose from")
-    return max(sorted(trials, key=lambda t: t["trial"]), key=lambda t: t["valid"][monitor])
+    scored = [t for t in trials if math.isfinite(t["valid"].get(monitor, math.nan))]
+    if not scored:
+        raise ValueError(
+            f"no trial of {', '.join(t['run'] for t in trials) or 'none'} has a finite validation {monitor}"
+        )
+    return max(sorted(scored, key=lambda t: t["trial"]), key=lambda t: t["valid"][monitor])
 
 
 def resolve(plan, row, dataset: str) -> Tuning | None:

@@ -233,9 +233,12 @@ def test_two_shards_give_the_results_of_one(stubbed, tmp_path, capsys):
     assert essentials(one) == essentials(two)
 
 
-def test_phases(stubbed, tmp_path):
+def test_phases(stubbed, tmp_path, capsys):
     plan = write_plan(tmp_path, [tuned_row("prm")])
     out = tmp_path / "out"
+    assert main(["--plan", plan, "--out", str(out), "--dry_run"]) == 0
+    assert "runs to train: 3 trials + 1 seed runs (1 reuse a trial)" in capsys.readouterr().out
+    assert stubbed == [] and not out.exists()
     assert main(["--plan", plan, "--out", str(out), "--phase", "final"]) == 0
     assert stubbed == []  # the seed runs wait for the trials
     assert main(["--plan", plan, "--out", str(out), "--phase", "tune"]) == 0
@@ -310,3 +313,28 @@ def test_light_retune_starts_from_the_other_datasets_choice(stubbed, tmp_path):
     )
     best = max(b["trials"], key=lambda t: t["valid"])
     assert b["chosen"] == best["setting"] and by_run["prm__b__s0"]["reused_trial"] == best["run"]
+
+
+class NonFiniteLoss(RuntimeError):
+    """Named like dnr_tf.callbacks' error: the runner matches the name."""
+
+
+def test_a_diverged_trial_is_kept_but_never_chosen(stubbed, monkeypatch, tmp_path):
+    plan = write_plan(tmp_path, [tuned_row("prm")], seeds=[0])
+    real = experiments.train_and_evaluate
+    lrs = [tuning.draw({"train.learning_rate": SPACE["train.learning_rate"]}, 0, "prm", "a", k) for k in range(3)]
+    top = max(d["train.learning_rate"] for d in lrs)
+
+    def diverge_at_the_top(cfg, data_dir, model_dir, robustness, seed):
+        if cfg.train.learning_rate == pytest.approx(top):
+            raise NonFiniteLoss("l_direct is not finite in epoch 1")
+        return real(cfg, data_dir, model_dir, robustness, seed)
+
+    monkeypatch.setattr(experiments, "train_and_evaluate", diverge_at_the_top)
+    out = tmp_path / "out"
+    assert main(["--plan", plan, "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    failed = [t for t in results["trials"] if "failed" in t]
+    assert len(failed) == 1 and failed[0]["setting"]["train.learning_rate"] == top
+    chosen = results["runs"][0]["tuning"]["chosen"]["train.learning_rate"]
+    assert chosen == sorted(d["train.learning_rate"] for d in lrs)[1]  # the best that did not diverge
