@@ -338,3 +338,25 @@ def test_a_diverged_trial_is_kept_but_never_chosen(stubbed, monkeypatch, tmp_pat
     assert len(failed) == 1 and failed[0]["setting"]["train.learning_rate"] == top
     chosen = results["runs"][0]["tuning"]["chosen"]["train.learning_rate"]
     assert chosen == sorted(d["train.learning_rate"] for d in lrs)[1]  # the best that did not diverge
+
+
+def test_study_plan_loads_with_equal_budgets_and_its_inputs_exist():
+    from dnr_tf.experiments import budget_table, load_plan, works_of
+
+    cwd = os.getcwd()
+    os.chdir(ROOT)  # the plan's paths are relative to the project root
+    try:
+        plan = load_plan("configs/study/study.yaml")  # refuses unequal budgets
+        for name, ds in plan.datasets.items():
+            assert ds.label and (ds.input is None or os.path.exists(ds.input)), name
+        assert sorted(n for n, ds in plan.datasets.items() if ds.leaky) == ["beauty_paper", "paper", "sports_paper"]
+        arms = {row.arm for row in plan.rows if "headline" in row.tables}
+        assert arms == {"direct", "dnr_b", "dnr_g", "calibrated"}
+        for row in plan.rows:
+            if "ablation" in row.tables and row.name != "dnr_b":
+                assert row.question and row.reference == "dnr_b" and row.datasets == ("cascade",)
+        works = works_of(plan)
+        assert sum(w.k is not None for w in works) == 122 and len(works) == 390
+        assert budget_table(plan)[-1] == "runs to train: 122 trials + 231 seed runs (37 reuse a trial)"
+    finally:
+        os.chdir(cwd)
