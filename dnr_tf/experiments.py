@@ -8,21 +8,29 @@ A plan (YAML) names data sets, seeds, overrides applied to every run, and rows:
     name: ml100k
     seeds: [0, 1, 2, 3, 4]
     set: {train.epochs: 10}
+    tune_trials: 8                                 # trials of every tuned row (equal budgets)
+    tune_seed: 0                                   # the trials' training seed; seeds the draws
     datasets:
-      cascade: {dir: data/ml100k}                  # --data_dir replaces this one's dir
+      cascade: {dir: data/ml100k, label: "ML-100K, MF (weak)"}   # --data_dir replaces this dir
       paper: {dir: data/ml100k_paper, pipeline: configs/pipeline/ml100k_paper.yaml,
-              input: ../shared/data/ml-100k/u.data}
+              input: ../shared/data/ml-100k/u.data, leaky: true, tune: {from: cascade}}
     rows:
-      - {name: prm_concat, config: configs/ml100k_prm_concat.yaml, tables: [t1, t2], datasets: [cascade, paper]}
+      - {name: prm_concat, config: configs/ml100k_prm_concat.yaml, tables: [t1], datasets: [cascade, paper],
+         arm: direct, tune: {space: {train.learning_rate: {loguniform: [1e-4, 3e-3]}}}}
       - {name: dnr_b_lc0.1, config: configs/ml100k_dnr_b.yaml, set: {dnr.lambda_c: 0.1},
-         tables: [fig3_lambda_c], seeds: [0, 1]}
+         tables: [fig3_lambda_c], seeds: [0, 1], question: "Does a small lambda_c help?", reference: prm_concat}
     robustness: [gauss_0.05, gauss_0.1, gauss_0.2, square, sqrt, shuffle]
 
-A data set with a `pipeline` config is built first when its dir holds no `schema.json`. Every run
-(row x data set x seed) writes `<out>/runs/<row>__<dataset>__s<seed>/` (the training run) and
-`result.json` (config, seed, best epoch, validation and test metrics, robustness, wall time); a run
-with a `result.json` is never redone, and a half-done run resumes from its backup. At the end,
-`<out>/results.json` collects every result, and `dnr_tf.report` writes the tables.
+A data set with a `pipeline` config (and `pipeline_set` overrides) is built first when its dir
+holds no `schema.json`. Without `tune`, every run (row x data set x seed) writes
+`<out>/runs/<row>__<dataset>__s<seed>/` (the training run) and `result.json` (config, seed, best
+epoch, validation and test metrics, robustness, wall time). With `tune` (syntax: `dnr_tf.tuning`),
+the row first runs its trials `<row>__<dataset>__t<k>/` (seed `tune_seed`, setting k of a random
+search), picks the trial with the highest validation monitor, then runs its seeds with that setting;
+the seed equal to `tune_seed` reuses the chosen trial (the same config and seed: the same run). A
+run with a `result.json` is never redone, and a half-done run resumes from its backup. At the end,
+`<out>/results.json` collects every seed run (`runs`) and every trial (`trials`), and
+`dnr_tf.report` writes the tables.
 """
 
 from __future__ import annotations
@@ -31,30 +39,67 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from dnr_tf import config_io  # noqa: E402
+from dnr_tf import config_io, tuning  # noqa: E402
 from dnr_tf.config import ExperimentConfig  # noqa: E402
+
+PHASES = ("all", "tune", "final")
 
 
 @dataclasses.dataclass(frozen=True)
 class Row:
+    """One row of a plan.
+
+    Attributes:
+        arm: what the row is in a comparison: `direct`, `dnr_b`, `dnr_g`, `calibrated`, or anything
+            (an ablation).
+        question: the question an ablation row answers.
+        reference: the row it is compared with.
+        tune: random search (`dnr_tf.tuning`); None: the config as written.
+    """
+
     name: str
     config: str
     tables: tuple[str, ...] = ()
     datasets: tuple[str, ...] = ("cascade",)
     seeds: tuple[int, ...] | None = None
     set: dict | None = None
+    arm: str = ""
+    question: str = ""
+    reference: str = ""
+    tune: dict | None = None
 
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
+    """One data set of a plan.
+
+    Attributes:
+        label: what the report calls it, e.g. "ML-100K, MF (weak)".
+        leaky: built with the paper's construction (labels leak); reports say so.
+        pipeline_set: `--set KEY=VALUE` overrides of the pipeline config when it is built.
+        set: training overrides for every run on it (after the plan's, before the row's).
+        tune: `{trials: n}` or `{from: DATASET}` for every tuned row on it (a row's own
+            `tune.datasets.<name>` wins).
+        robustness: the perturbations evaluated on it (None: the plan's).
+        seeds: the seeds of every row on it that does not give its own (None: the plan's).
+    """
+
     dir: str
     pipeline: str | None = None
     input: str | None = None
+    label: str = ""
+    leaky: bool = False
+    pipeline_set: dict | None = None
+    set: dict | None = None
+    tune: dict | None = None
+    robustness: tuple[str, ...] | None = None
+    seeds: tuple[int, ...] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,9 +110,30 @@ class Plan:
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     set: dict | None = None
     robustness: tuple[str, ...] = ()
+    tune_trials: int | None = None
+    tune_seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Work:
+    """One run of a plan: a trial (`k` set) or a seed run of the row's setting."""
+
+    row: Row
+    dataset: str
+    seed: int
+    k: int | None = None
+
+    @property
+    def run(self) -> str:
+        return (
+            trial_id(self.row.name, self.dataset, self.k)
+            if self.k is not None
+            else run_id(self.row.name, self.dataset, self.seed)
+        )
 
 
 def load_plan(path: str, data_dir: str | None = None) -> Plan:
+    """Reads and checks a plan: data sets, row configs, search spaces and equal budgets, before any work."""
     raw = config_io.load_yaml(path)
     raw.pop("path", None)
     datasets = {
@@ -80,22 +146,73 @@ def load_plan(path: str, data_dir: str | None = None) -> Plan:
     unknown = sorted({d for row in plan.rows for d in row.datasets} - set(datasets))
     if unknown:
         raise config_io.ConfigError(f"rows use data sets {unknown} that the plan's `datasets` does not define")
+    names = [row.name for row in plan.rows]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise config_io.ConfigError(f"rows {duplicates} appear more than once in the plan")
+    for name, ds in datasets.items():
+        if ds.tune is not None:
+            tuning.check_override(ds.tune, f"datasets.{name}.tune")
     for row in plan.rows:
         if not os.path.exists(row.config):
             raise config_io.ConfigError(f"row {row.name}: config {row.config} not found")
+        if row.reference and row.reference not in names:
+            raise config_io.ConfigError(f"row {row.name}: reference {row.reference!r} is not a row of the plan")
+        tuning.check_row(plan, row)
+    tuning.check_budgets(plan)
     return plan
+
+
+def check_configs(plan: Plan) -> int:
+    """Builds the config of every run (every trial's setting included); a bad key or value is refused.
+
+    Returns the number of runs checked.
+    """
+    count = 0
+    for work in works_of(plan):
+        setting = trial_setting(plan, work, None) if work.k is not None else {}
+        try:
+            experiment_config(plan, work.row, work.seed, work.dataset, setting)
+        except config_io.ConfigError as e:
+            raise config_io.ConfigError(f"run {work.run}: {e}") from None
+        count += 1
+    return count
 
 
 def run_id(row: str, dataset: str, seed: int) -> str:
     return f"{row}__{dataset}__s{seed}"
 
 
+def trial_id(row: str, dataset: str, k: int) -> str:
+    return f"{row}__{dataset}__t{k}"
+
+
+def row_seeds(plan: Plan, row: Row, dataset: str) -> tuple[int, ...]:
+    """The row's own seeds, else its data set's, else the plan's."""
+    if row.seeds is not None:
+        return row.seeds
+    ds = plan.datasets[dataset].seeds
+    return ds if ds is not None else plan.seeds
+
+
 def runs_of(plan: Plan):
-    """(row, dataset name, seed) of every run, in plan order."""
+    """(row, dataset name, seed) of every seed run, in plan order."""
     for row in plan.rows:
         for dataset in row.datasets:
-            for seed in row.seeds if row.seeds is not None else plan.seeds:
+            for seed in row_seeds(plan, row, dataset):
                 yield row, dataset, seed
+
+
+def works_of(plan: Plan, phase: str = "all") -> list[Work]:
+    """Every run of the plan: the trials first (row by row), then the seed runs."""
+    trials = []
+    for row in plan.rows:
+        for dataset in row.datasets:
+            tune = tuning.resolve(plan, row, dataset)
+            if tune is not None and tune.source == dataset:
+                trials += [Work(row, dataset, plan.tune_seed, k) for k in range(tune.trials)]
+    finals = [Work(row, dataset, seed) for row, dataset, seed in runs_of(plan)]
+    return {"all": trials + finals, "tune": trials, "final": finals}[phase]
 
 
 def ensure_dataset(name: str, ds: Dataset) -> None:
@@ -112,49 +229,200 @@ def ensure_dataset(name: str, ds: Dataset) -> None:
     argv = ["--config", ds.pipeline, "--output_dir", ds.dir]
     if ds.input:
         argv += ["--input", ds.input]
+    for key, value in (ds.pipeline_set or {}).items():
+        argv += ["--set", f"{key}={json.dumps(value)}"]
     run_pipeline(argv)
 
 
-def experiment_config(plan: Plan, row: Row, seed: int) -> ExperimentConfig:
+def experiment_config(
+    plan: Plan, row: Row, seed: int, dataset: str | None = None, setting: dict | None = None
+) -> ExperimentConfig:
+    """The row's config with the plan's, the data set's, the row's and the tuned overrides, in that order."""
     data = config_io.load_yaml(row.config)
-    overrides = [f"{k}={json.dumps(v)}" for k, v in {**(plan.set or {}), **(row.set or {})}.items()]
+    ds_set = plan.datasets[dataset].set if dataset else None
+    merged = {**(plan.set or {}), **(ds_set or {}), **(row.set or {}), **(setting or {})}
+    overrides = [f"{k}={json.dumps(v)}" for k, v in merged.items()]
     overrides.append(f"train.seed={seed}")
     overrides.append(f"name={row.name}")
     return config_io.from_dict(ExperimentConfig, config_io.apply_overrides(data, overrides))
 
 
-def run_one(plan: Plan, row: Row, dataset: str, seed: int, out: str) -> dict:
-    """Trains one run (resuming if half done), evaluates it under every perturbation, saves result.json."""
+def trial_setting(plan: Plan, work: Work, out: str | None) -> dict | None:
+    """Trial k's setting: a draw, or for trial 0 of a light re-tune the setting chosen on the data set
+    it starts from (None while that one's trials are not all done). `out` None: a draw (to check configs).
+    """
+    tune = tuning.resolve(plan, work.row, work.dataset)
+    if work.k == 0 and tune.warm and out is not None:
+        record = tuning_record(plan, work.row, tune.warm, out)
+        return None if record is None else dict(record["chosen"])
+    return tuning.draw(tune.space, plan.tune_seed, work.row.name, work.dataset, work.k)
+
+
+def row_fields(plan: Plan, row: Row) -> dict:
+    return {"arm": row.arm, "question": row.question, "reference": row.reference}
+
+
+def train_and_evaluate(cfg: ExperimentConfig, data_dir: str, model_dir: str, robustness, seed: int) -> dict:
+    """Trains one run (resuming if half done) and evaluates it on test under every perturbation."""
     from dnr_tf import schema as schema_lib
     from dnr_tf.export import load_trained
     from dnr_tf.robustness import evaluate_perturbed
     from dnr_tf.train import datasets, train
 
-    cfg = experiment_config(plan, row, seed)
-    data_dir = plan.datasets[dataset].dir
-    model_dir = os.path.join(out, "runs", run_id(row.name, dataset, seed))
-    start = time.time()
     trained = train(cfg, data_dir, model_dir, verbose=0)
     model, _, schema = load_trained(model_dir)
     _, _, test_ds = datasets(data_dir, cfg, schema_lib.load_schema(data_dir))
-    robust = evaluate_perturbed(model, test_ds, plan.robustness, k=cfg.train.k, seed=seed)
-    result = {
-        "run": run_id(row.name, dataset, seed),
-        "row": row.name,
-        "dataset": dataset,
-        "seed": seed,
-        "tables": list(row.tables),
-        "config": config_io.to_dict(cfg),
+    robust = evaluate_perturbed(model, test_ds, robustness, k=cfg.train.k, seed=seed)
+    return {
         "best_epoch": trained["best_epoch"],
         "valid": trained["valid"],
         "test": trained["test"],
         "robustness": {k: v for k, v in robust.items() if k != "per_list_ndcg"},
         "per_list_test_ndcg": robust["per_list_ndcg"],
         "seconds_per_epoch": trained["seconds_per_epoch"],
+    }
+
+
+def run_one(
+    plan: Plan,
+    row: Row,
+    dataset: str,
+    seed: int,
+    out: str,
+    setting: dict | None = None,
+    run: str | None = None,
+    extra: dict | None = None,
+) -> dict:
+    """Trains one run (resuming if half done), evaluates it under every perturbation, saves result.json."""
+    run = run or run_id(row.name, dataset, seed)
+    cfg = experiment_config(plan, row, seed, dataset, setting)
+    model_dir = os.path.join(out, "runs", run)
+    start = time.time()
+    ds = plan.datasets[dataset]
+    robustness = plan.robustness if ds.robustness is None else ds.robustness
+    trained = train_and_evaluate(cfg, ds.dir, model_dir, robustness, seed)
+    result = {
+        "run": run,
+        "row": row.name,
+        "dataset": dataset,
+        "seed": seed,
+        "tables": list(row.tables),
+        **row_fields(plan, row),
+        **(extra or {}),
+        "config": config_io.to_dict(cfg),
+        **trained,
         "wall_seconds": time.time() - start,
     }
-    with open(os.path.join(model_dir, "result.json"), "w") as f:
+    write_result(model_dir, result)
+    return result
+
+
+def write_result(model_dir: str, result: dict) -> None:
+    """result.json, written whole or not at all (it marks a run as done)."""
+    os.makedirs(model_dir, exist_ok=True)
+    tmp = os.path.join(model_dir, "result.json.tmp")
+    with open(tmp, "w") as f:
         json.dump(result, f)
+    os.replace(tmp, os.path.join(model_dir, "result.json"))
+
+
+def read_result(out: str, run: str) -> dict | None:
+    path = os.path.join(out, "runs", run, "result.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def tuning_record(plan: Plan, row: Row, dataset: str, out: str) -> dict | None:
+    """The row's tuning on `dataset` once all its trials are done: trials, chosen setting, budget.
+
+    None while a trial is missing. Untuned rows get budget 0 and no trials.
+    """
+    tune = tuning.resolve(plan, row, dataset)
+    if tune is None:
+        return {
+            "budget": 0,
+            "tuned_on": None,
+            "warm_from": None,
+            "described": "untuned",
+            "seed": None,
+            "monitor": None,
+            "trials": [],
+            "chosen": {},
+        }
+    trials = []
+    for k in range(tune.trials):
+        result = read_result(out, trial_id(row.name, tune.source, k))
+        if result is None:
+            return None
+        trials.append(result)
+    monitor = trials[0]["config"]["train"]["monitor"]
+    best = tuning.choose(trials, monitor)
+    return {
+        "budget": tune.trials,
+        "tuned_on": tune.source,
+        "warm_from": tune.warm,
+        "described": tune.describe(plan, row),
+        "seed": plan.tune_seed,
+        "monitor": monitor,
+        "space": tune.space,
+        "trials": [{"run": t["run"], "setting": t["setting"], "valid": t["valid"].get(monitor)} for t in trials],
+        "chosen": best["setting"],
+        "chosen_trial": best["run"],
+    }
+
+
+def do_work(plan: Plan, work: Work, out: str) -> dict | None:
+    """Runs one piece of work, or returns None when it must wait for its row's trials."""
+    row, dataset = work.row, work.dataset
+    if work.k is not None:
+        setting = trial_setting(plan, work, out)
+        if setting is None:
+            return None
+        extra = {"trial": work.k, "setting": setting, "phase": "tune"}
+        try:
+            return run_one(plan, row, dataset, work.seed, out, setting, work.run, extra)
+        except Exception as e:  # noqa: BLE001 - a diverged trial is a result (never chosen); anything else raises
+            if type(e).__name__ != "NonFiniteLoss":
+                raise
+            return failed_trial(plan, work, out, setting, extra, str(e))
+    record = tuning_record(plan, row, dataset, out)
+    if record is None:
+        return None
+    extra = {"phase": "final", "tuning": record}
+    if record["tuned_on"] == dataset and work.seed == plan.tune_seed:
+        # The chosen trial is this very run (same config, same seed): reuse it rather than train it twice.
+        trial = read_result(out, record["chosen_trial"])
+        model_dir = os.path.join(out, "runs", work.run)
+        src = os.path.join(out, "runs", record["chosen_trial"])
+        shutil.copytree(src, model_dir, ignore=shutil.ignore_patterns("backup", "result.json*"), dirs_exist_ok=True)
+        keep = {k: v for k, v in trial.items() if k not in ("trial", "setting", "phase")}
+        result = {**keep, "run": work.run, **extra, "reused_trial": record["chosen_trial"]}
+        write_result(model_dir, result)
+        return result
+    return run_one(plan, row, dataset, work.seed, out, record["chosen"], work.run, extra)
+
+
+def failed_trial(plan: Plan, work: Work, out: str, setting: dict, extra: dict, error: str) -> dict:
+    """The result of a trial whose training stopped on a non-finite loss: no scores, never chosen."""
+    cfg = experiment_config(plan, work.row, work.seed, work.dataset, setting)
+    result = {
+        "run": work.run,
+        "row": work.row.name,
+        "dataset": work.dataset,
+        "seed": work.seed,
+        "tables": list(work.row.tables),
+        **row_fields(plan, work.row),
+        **extra,
+        "config": config_io.to_dict(cfg),
+        "failed": error,
+        "best_epoch": None,
+        "valid": {},
+        "test": {},
+        "wall_seconds": 0.0,
+    }
+    write_result(os.path.join(out, "runs", work.run), result)
     return result
 
 
@@ -172,45 +440,95 @@ def baselines(plan: Plan, out: str) -> dict:
     return done
 
 
-def run_plan(plan: Plan, out: str, progress=print, shard: tuple[int, int] = (0, 1), plan_path: str = "") -> dict | None:
+def run_plan(
+    plan: Plan,
+    out: str,
+    progress=print,
+    shard: tuple[int, int] = (0, 1),
+    plan_path: str = "",
+    phase: str = "all",
+) -> dict | None:
     """Runs every missing run of the plan, then writes `<out>/results.json` and returns it.
 
-    With `shard` (i, n), only runs i, i + n, i + 2n, ... are trained and None is returned: several
-    processes can share a plan; a last call without a shard collects (and trains what is missing).
+    With `shard` (i, n), only runs i, i + n, i + 2n, ... of the work list (trials first, then seed
+    runs) are trained and None is returned: several processes can share a plan; a last call without a
+    shard collects (and trains what is missing). A seed run of a tuned row waits for all the row's
+    trials (and trial 0 of a light re-tune for the trials it starts from): a shard passes over it
+    while another shard's trial is missing and retries it after its other work; a later call picks
+    up what is still waiting. `phase`: `tune` runs only the trials,
+    `final` only the seed runs (those whose trials are done), `all` both.
     """
     os.makedirs(os.path.join(out, "runs"), exist_ok=True)
+    check_configs(plan)
     for name, ds in plan.datasets.items():
         if any(name in row.datasets for row in plan.rows):
             ensure_dataset(name, ds)
-    todo = list(runs_of(plan))
+    todo = works_of(plan)
+    wanted = {w.run for w in works_of(plan, phase)}
     index, count = shard
-    results = []
-    for i, (row, dataset, seed) in enumerate(todo, 1):
-        if (i - 1) % count != index:
-            continue
-        path = os.path.join(out, "runs", run_id(row.name, dataset, seed), "result.json")
-        if os.path.exists(path):
-            with open(path) as f:
-                results.append(json.load(f))
-            continue
-        result = run_one(plan, row, dataset, seed, out)
-        results.append(result)
-        progress(
-            f"[study] {i}/{len(todo)} {result['run']}: test ndcg@6 {result['test']['ndcg@6']:.4f} "
-            f"(best epoch {result['best_epoch']}, {result['wall_seconds']:.0f}s)"
-        )
-    if count > 1:
+    mine = [(i, w) for i, w in enumerate(todo, 1) if (i - 1) % count == index and w.run in wanted]
+    waiting = True
+    while waiting:
+        waiting, progressed = [], False
+        for i, work in mine:
+            if read_result(out, work.run) is not None:
+                continue
+            result = do_work(plan, work, out)
+            if result is None:
+                waiting.append((i, work))
+                continue
+            progressed = True
+            if "failed" in result:
+                progress(f"[study] {i}/{len(todo)} {result['run']}: failed, never chosen ({result['failed']})")
+                continue
+            progress(
+                f"[study] {i}/{len(todo)} {result['run']}: valid ndcg@6 {result['valid']['ndcg@6']:.4f} "
+                f"(best epoch {result['best_epoch']}, {result['wall_seconds']:.0f}s)"
+            )
+        mine = waiting
+        if waiting and not progressed:
+            names = ", ".join(w.run for _, w in waiting[:3]) + (", ..." if len(waiting) > 3 else "")
+            progress(f"[study] {len(waiting)} runs wait for trials of other shards ({names}): run again")
+            break
+    if count > 1 or phase != "all" or waiting:
         return None
+    results, trials = [], []
+    for work in todo:
+        (trials if work.k is not None else results).append(read_result(out, work.run))
     summary = {
         "plan": plan.name,
         "plan_path": plan_path,
+        "tune_seed": plan.tune_seed,
         "datasets": {k: dataclasses.asdict(v) for k, v in plan.datasets.items()},
         "baselines": baselines(plan, out),
         "runs": results,
+        "trials": trials,
     }
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(summary, f)
     return summary
+
+
+def budget_table(plan: Plan) -> list[str]:
+    """Lines `row dataset: trials, seeds` for `--dry_run`: what each arm gets, and the run counts."""
+    lines = []
+    for row in plan.rows:
+        for dataset in row.datasets:
+            tune = tuning.resolve(plan, row, dataset)
+            how = "untuned" if tune is None else tune.describe(plan, row)
+            lines.append(f"{row.name:28s} {dataset:16s} {how:24s} seeds {list(row_seeds(plan, row, dataset))}")
+    works = works_of(plan)
+    trials = sum(w.k is not None for w in works)
+    reused = sum(
+        1
+        for w in works
+        if w.k is None
+        and w.seed == plan.tune_seed
+        and (t := tuning.resolve(plan, w.row, w.dataset)) is not None
+        and t.source == w.dataset
+    )
+    lines.append(f"runs to train: {trials} trials + {len(works) - trials - reused} seed runs ({reused} reuse a trial)")
+    return lines
 
 
 def main(argv=None) -> int:
@@ -222,16 +540,29 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--shard", default="0/1", help="I/N: train only every N-th run from the I-th (parallel workers)"
     )
+    parser.add_argument(
+        "--phase", choices=PHASES, default="all", help="tune: only the trials; final: only the seed runs; all: both"
+    )
+    parser.add_argument(
+        "--dry_run", action="store_true", help="check the plan and every run's config, print the budgets, train nothing"
+    )
     args = parser.parse_args(argv)
     try:
         index, count = (int(v) for v in args.shard.split("/"))
+        if not 0 <= index < count:
+            raise ValueError(f"--shard {args.shard}: I must be in [0, N)")
         plan = load_plan(args.plan, args.data_dir)
-        summary = run_plan(plan, args.out, shard=(index, count), plan_path=args.plan)
+        if args.dry_run:
+            checked = check_configs(plan)
+            print("\n".join(budget_table(plan)))
+            print(f"[study] plan {args.plan}: {checked} run configs checked")
+            return 0
+        summary = run_plan(plan, args.out, shard=(index, count), plan_path=args.plan, phase=args.phase)
     except (config_io.ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if summary is None:
-        print(f"[study] shard {args.shard} done; run again without --shard to collect the report")
+        print(f"[study] shard {args.shard} phase {args.phase} done; run again without --shard to collect the report")
         return 0
     from dnr_tf.report import write_report
 

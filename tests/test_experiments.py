@@ -3,8 +3,10 @@
 import json
 import os
 
+import pytest
 import yaml
 
+from dnr_tf import config_io, experiments, tuning
 from dnr_tf.experiments import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -15,6 +17,7 @@ def test_tiny_plan_runs_resumes_and_reports(synthetic_data, tmp_path):
     plan = {
         "name": "tiny",
         "seeds": [0],
+        "tune_trials": 1,  # one real trial a row; its seed-0 run reuses it
         "set": {"train.epochs": 1, "model.hidden_dim": 16, "model.embedding_dim": 16},
         "datasets": {"synthetic": {"dir": str(data_dir)}},
         "robustness": ["shuffle", "gauss_0.1"],
@@ -24,6 +27,8 @@ def test_tiny_plan_runs_resumes_and_reports(synthetic_data, tmp_path):
                 "config": os.path.join(ROOT, "configs/ml100k_prm_concat.yaml"),
                 "tables": ["t1"],
                 "datasets": ["synthetic"],
+                "arm": "direct",
+                "tune": {"space": {"train.learning_rate": {"loguniform": [1e-3, 3e-3]}}},
             },
             {
                 "name": "w_c",
@@ -31,6 +36,9 @@ def test_tiny_plan_runs_resumes_and_reports(synthetic_data, tmp_path):
                 "set": {"dnr.heuristic": "calibrated"},
                 "tables": ["t1"],
                 "datasets": ["synthetic"],
+                "arm": "calibrated",
+                "reference": "prm_concat",
+                "tune": {"space": {"dnr.lambda_m": {"uniform": [0.3, 0.7]}}},
             },
         ],
     }
@@ -47,18 +55,308 @@ def test_tiny_plan_runs_resumes_and_reports(synthetic_data, tmp_path):
         assert set(r["robustness"]) == {"clean", "shuffle", "gauss_0.1"}
         assert len(r["per_list_test_ndcg"]) == results["baselines"]["synthetic"]["lists"]
         assert r["config"]["train"]["seed"] == 0 and r["wall_seconds"] > 0
+        assert r["reused_trial"] == r["run"].replace("__s0", "__t0") and r["tuning"]["budget"] == 1
+        ((key, value),) = r["tuning"]["chosen"].items()
+        section, name = key.split(".")
+        assert r["config"][section][name] == value and r["arm"] in ("direct", "calibrated")
+        assert (out / "runs" / r["run"] / "best.weights.h5").exists()  # the trial's model, copied
+    assert [t["run"] for t in results["trials"]] == ["prm_concat__synthetic__t0", "w_c__synthetic__t0"]
     assert "oracle_order" in results["baselines"]["synthetic"]["metrics"]
     text = md.read_text()
     # prm_concat is the only non-DNR row: the bold reference that w_c is tested against.
     assert "| **prm_concat** | 1 |" in text and "| w_c | 1 |" in text
     assert "oracle" in text and "drop, shuffle" in text
 
-    # Resume: finished runs are not redone; a missing result is.
+    # Resume: finished runs are not redone; a missing result is (a trial, and the seed run after it).
     first = out / "runs" / "prm_concat__synthetic__s0" / "result.json"
     second = out / "runs" / "w_c__synthetic__s0" / "result.json"
+    trial = out / "runs" / "w_c__synthetic__t0" / "result.json"
     stamp = first.stat().st_mtime_ns
     second.unlink()
+    trial.unlink()
     assert main(args) == 0
     assert first.stat().st_mtime_ns == stamp
-    assert second.exists()
+    assert second.exists() and trial.exists()
     assert len(json.loads((out / "results.json").read_text())["runs"]) == 2
+
+
+# Tuning: the runner's logic with training stubbed out (fast); the real tiny run is above.
+
+PRM = os.path.join(ROOT, "configs/ml100k_prm_concat.yaml")
+DNR_B = os.path.join(ROOT, "configs/ml100k_dnr_b.yaml")
+SPACE = {
+    "train.learning_rate": {"loguniform": [1e-4, 1e-2]},
+    "model.hidden_dim": {"choice": [16, 32, 64]},
+    "train.weight_decay": {"uniform": [0.0, 0.1]},
+    "dnr.lambda_e": {"int": [1, 4]},
+}
+
+
+def fake_train(calls):
+    """Validation rises with the learning rate, test falls with it: selection must read validation."""
+
+    def train_and_evaluate(cfg, data_dir, model_dir, robustness, seed):
+        calls.append(os.path.basename(model_dir))
+        os.makedirs(model_dir, exist_ok=True)
+        valid = cfg.train.learning_rate * 10 + seed * 1e-6
+        return {
+            "best_epoch": 1,
+            "valid": {"ndcg@6": valid},
+            "test": {"ndcg@6": 1 - valid},
+            "robustness": {},
+            "per_list_test_ndcg": [],
+            "seconds_per_epoch": [0.0],
+        }
+
+    return train_and_evaluate
+
+
+@pytest.fixture
+def stubbed(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr(experiments, "train_and_evaluate", fake_train(calls))
+    monkeypatch.setattr(experiments, "baselines", lambda plan, out: {})
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "schema.json").write_text("{}")
+    return calls
+
+
+def write_plan(tmp_path, rows, **extra):
+    plan = {
+        "name": "tuned",
+        "seeds": [0, 1],
+        "tune_trials": 3,
+        "tune_seed": 0,
+        "datasets": {
+            "a": {"dir": str(tmp_path / "a"), "label": "A, weak"},
+            "b": {"dir": str(tmp_path / "b"), "label": "B, leaky", "leaky": True},
+        },
+        "rows": rows,
+        **extra,
+    }
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump(plan))
+    return str(path)
+
+
+def tuned_row(name, config=PRM, **extra):
+    row = {"name": name, "config": config, "tables": ["headline"], "datasets": ["a"], "arm": "direct"}
+    row["tune"] = {"space": {"train.learning_rate": SPACE["train.learning_rate"]}}
+    return {**row, **extra}
+
+
+def test_draws_reproduce_and_lie_in_their_spaces():
+    draws = [tuning.draw(SPACE, 0, "dnr_b", "cascade", k) for k in range(40)]
+    assert draws == [tuning.draw(SPACE, 0, "dnr_b", "cascade", k) for k in range(40)]
+    assert draws[0] != tuning.draw(SPACE, 0, "dnr_b", "beauty", 0) != tuning.draw(SPACE, 1, "dnr_b", "cascade", 0)
+    for d in draws:
+        assert 1e-4 <= d["train.learning_rate"] <= 1e-2 and 0.0 <= d["train.weight_decay"] <= 0.1
+        assert d["model.hidden_dim"] in (16, 32, 64)
+        assert isinstance(d["dnr.lambda_e"], int) and 1 <= d["dnr.lambda_e"] <= 4
+    # every choice and both int ends are drawn; loguniform spreads over the decades
+    assert {d["model.hidden_dim"] for d in draws} == {16, 32, 64} and {d["dnr.lambda_e"] for d in draws} == {1, 2, 3, 4}
+    assert sum(d["train.learning_rate"] < 1e-3 for d in draws) >= 10
+    with pytest.raises(config_io.ConfigError, match="row x: tune.space.train.learning_rate: loguniform needs lo > 0"):
+        tuning.check_space({"train.learning_rate": {"loguniform": [0, 1]}}, "row x: tune")
+
+
+def test_chosen_trial_is_best_on_validation_and_seeds_use_it(stubbed, tmp_path):
+    row = tuned_row("prm", question="Which lr?", reference="prm", tune={"trials": 5, "space": SPACE})
+    row["datasets"] = ["a", "b"]
+    out = tmp_path / "out"
+    assert main(["--plan", write_plan(tmp_path, [row]), "--out", str(out)]) == 0
+    # 5 trials on each data set; seed 0 reuses the chosen trial, seed 1 is trained: 12 runs
+    assert sorted(stubbed) == sorted([f"prm__{d}__t{k}" for d in "ab" for k in range(5)] + ["prm__a__s1", "prm__b__s1"])
+    results = json.loads((out / "results.json").read_text())
+    assert results["datasets"]["b"]["label"] == "B, leaky" and results["datasets"]["b"]["leaky"] is True
+    assert results["datasets"]["a"]["leaky"] is False and len(results["trials"]) == 10
+    for r in results["runs"]:
+        on_disk = json.loads((out / "runs" / r["run"] / "result.json").read_text())
+        assert on_disk == r
+        assert (r["arm"], r["question"], r["reference"]) == ("direct", "Which lr?", "prm")
+        t = r["tuning"]
+        assert t["budget"] == 5 and t["tuned_on"] == r["dataset"] and t["monitor"] == "ndcg@6" and len(t["trials"]) == 5
+        lrs = [x["setting"]["train.learning_rate"] for x in t["trials"]]
+        assert t["chosen"]["train.learning_rate"] == max(lrs)  # best on validation, worst on test
+        assert t["chosen_trial"] == f"prm__{r['dataset']}__t{lrs.index(max(lrs))}"
+        for key, value in t["chosen"].items():
+            section, name = key.split(".")
+            assert r["config"][section][name] == pytest.approx(value)
+        assert r["config"]["train"]["seed"] == r["seed"]
+        assert ("reused_trial" in r) == (r["seed"] == 0)
+    trial = json.loads((out / "runs" / "prm__a__t0" / "result.json").read_text())
+    assert trial["trial"] == 0 and trial["phase"] == "tune" and trial["config"]["train"]["seed"] == 0
+    assert trial["setting"] == tuning.draw(SPACE, 0, "prm", "a", 0) and trial["arm"] == "direct"
+
+
+def test_resume_after_partial_tuning(stubbed, monkeypatch, tmp_path):
+    plan = write_plan(tmp_path, [tuned_row("prm")])
+    out = tmp_path / "out"
+    real = experiments.train_and_evaluate
+
+    def crash_on_third(cfg, data_dir, model_dir, robustness, seed):
+        if len(stubbed) == 2:
+            raise KeyboardInterrupt
+        return real(cfg, data_dir, model_dir, robustness, seed)
+
+    monkeypatch.setattr(experiments, "train_and_evaluate", crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        main(["--plan", plan, "--out", str(out)])
+    assert stubbed == ["prm__a__t0", "prm__a__t1"]
+    monkeypatch.setattr(experiments, "train_and_evaluate", real)
+    assert main(["--plan", plan, "--out", str(out)]) == 0
+    assert stubbed == ["prm__a__t0", "prm__a__t1", "prm__a__t2", "prm__a__s1"]
+    assert len(json.loads((out / "results.json").read_text())["runs"]) == 2
+
+
+def test_two_shards_give_the_results_of_one(stubbed, tmp_path, capsys):
+    rows = [tuned_row("prm"), tuned_row("dnr_b", config=DNR_B, arm="dnr_b"), tuned_row("w_b", arm="x", tune=None)]
+    rows[2]["tables"] = ["other"]
+    plan = write_plan(tmp_path, rows)
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(["--plan", plan, "--out", str(one)]) == 0
+    single = sorted(stubbed)
+    stubbed.clear()
+    assert main(["--plan", plan, "--out", str(two), "--shard", "0/2"]) == 0
+    assert "wait for trials of other shards" in capsys.readouterr().out
+    assert not (two / "results.json").exists()
+    assert main(["--plan", plan, "--out", str(two), "--shard", "1/2"]) == 0
+    assert main(["--plan", plan, "--out", str(two)]) == 0
+    assert sorted(stubbed) == single  # every run trained once, none twice
+
+    def essentials(path):
+        data = json.loads((path / "results.json").read_text())
+        drop = ("wall_seconds",)
+        return [{k: v for k, v in r.items() if k not in drop} for r in data["runs"] + data["trials"]]
+
+    assert essentials(one) == essentials(two)
+
+
+def test_phases(stubbed, tmp_path, capsys):
+    plan = write_plan(tmp_path, [tuned_row("prm")])
+    out = tmp_path / "out"
+    assert main(["--plan", plan, "--out", str(out), "--dry_run"]) == 0
+    assert "runs to train: 3 trials + 1 seed runs (1 reuse a trial)" in capsys.readouterr().out
+    assert stubbed == [] and not out.exists()
+    assert main(["--plan", plan, "--out", str(out), "--phase", "final"]) == 0
+    assert stubbed == []  # the seed runs wait for the trials
+    assert main(["--plan", plan, "--out", str(out), "--phase", "tune"]) == 0
+    assert stubbed == ["prm__a__t0", "prm__a__t1", "prm__a__t2"]
+    assert main(["--plan", plan, "--out", str(out), "--phase", "final"]) == 0
+    assert stubbed[3:] == ["prm__a__s1"] and (out / "runs" / "prm__a__s0" / "result.json").exists()
+
+
+def test_unequal_budgets_refused(stubbed, tmp_path, capsys):
+    rows = [tuned_row("prm"), tuned_row("dnr_b", config=DNR_B, arm="dnr_b")]
+    rows[1]["tune"] = {**rows[1]["tune"], "trials": 5}
+    out = tmp_path / "out"
+    assert main(["--plan", write_plan(tmp_path, rows), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "error: unequal tuning budgets in table headline on data set a: prm 3 trials on a, dnr_b 5 trials on a "
+        "(every row of one table gets the same budget)"
+    )
+    rows[1]["tune"] = None  # an untuned arm beside a tuned one
+    assert main(["--plan", write_plan(tmp_path, rows), "--out", str(out)]) == 2
+    assert "prm 3 trials on a, dnr_b untuned" in capsys.readouterr().err
+    assert stubbed == [] and not out.exists()
+
+
+def test_from_reuses_another_datasets_setting(stubbed, tmp_path, capsys):
+    rows = [tuned_row("prm", datasets=["a", "b"]), tuned_row("dnr_b", config=DNR_B, datasets=["a", "b"])]
+    rows[1]["tune"] = {**rows[1]["tune"], "datasets": {"b": {"trials": 1}}}
+    plan = write_plan(tmp_path, rows)
+    data = yaml.safe_load(open(plan))
+    data["datasets"]["b"]["tune"] = {"from": "a"}
+    open(plan, "w").write(yaml.safe_dump(data))
+    # dnr_b re-tunes on b with 1 trial while prm reuses a's 3: unequal in table headline on b
+    assert main(["--plan", plan, "--out", str(tmp_path / "out")]) == 2
+    assert "on data set b: prm 3 trials on a, dnr_b 1 trials on b" in capsys.readouterr().err
+    del rows[1]["tune"]["datasets"]
+    data["rows"] = rows
+    data["datasets"]["b"]["seeds"] = [0]  # a data set's own seeds
+    open(plan, "w").write(yaml.safe_dump(data))
+    out = tmp_path / "out"
+    assert main(["--plan", plan, "--out", str(out)]) == 0
+    assert not any("__b__t" in c for c in stubbed)  # no trials on b
+    results = json.loads((out / "results.json").read_text())
+    by_run = {r["run"]: r for r in results["runs"]}
+    assert sorted(by_run) == sorted(f"{n}__{d}" for n in ("prm", "dnr_b") for d in ("a__s0", "a__s1", "b__s0"))
+    for name in ("prm", "dnr_b"):
+        a, b = by_run[f"{name}__a__s0"]["tuning"], by_run[f"{name}__b__s0"]["tuning"]
+        assert b["tuned_on"] == "a" and b["chosen"] == a["chosen"] and "reused_trial" not in by_run[f"{name}__b__s0"]
+        lr = by_run[f"{name}__b__s0"]["config"]["train"]["learning_rate"]
+        assert lr == pytest.approx(a["chosen"]["train.learning_rate"])
+    data["datasets"]["a"]["tune"] = {"from": "b"}  # a chain (or a cycle) of reuse
+    open(plan, "w").write(yaml.safe_dump(data))
+    assert main(["--plan", plan, "--out", str(out)]) == 2
+    assert "no row can take it `from` there" in capsys.readouterr().err
+
+
+def test_light_retune_starts_from_the_other_datasets_choice(stubbed, tmp_path):
+    plan = write_plan(tmp_path, [tuned_row("prm", datasets=["a", "b"])], seeds=[0])
+    data = yaml.safe_load(open(plan))
+    data["datasets"]["b"]["tune"] = {"trials": 2, "from": "a"}
+    open(plan, "w").write(yaml.safe_dump(data))
+    out = tmp_path / "out"
+    assert main(["--plan", plan, "--out", str(out), "--shard", "1/2"]) == 0
+    assert main(["--plan", plan, "--out", str(out)]) == 0
+    assert sorted(stubbed) == ["prm__a__t0", "prm__a__t1", "prm__a__t2", "prm__b__t0", "prm__b__t1"]
+    by_run = {r["run"]: r for r in json.loads((out / "results.json").read_text())["runs"]}
+    a, b = by_run["prm__a__s0"]["tuning"], by_run["prm__b__s0"]["tuning"]
+    assert b["budget"] == 2 and b["tuned_on"] == "b" and b["warm_from"] == "a"
+    assert b["described"] == "2 trials on b (trial 0: the choice of 3 trials on a)"
+    assert b["trials"][0]["setting"] == a["chosen"]
+    assert b["trials"][1]["setting"] == tuning.draw(
+        {"train.learning_rate": SPACE["train.learning_rate"]}, 0, "prm", "b", 1
+    )
+    best = max(b["trials"], key=lambda t: t["valid"])
+    assert b["chosen"] == best["setting"] and by_run["prm__b__s0"]["reused_trial"] == best["run"]
+
+
+class NonFiniteLoss(RuntimeError):
+    """Named like dnr_tf.callbacks' error: the runner matches the name."""
+
+
+def test_a_diverged_trial_is_kept_but_never_chosen(stubbed, monkeypatch, tmp_path):
+    plan = write_plan(tmp_path, [tuned_row("prm")], seeds=[0])
+    real = experiments.train_and_evaluate
+    lrs = [tuning.draw({"train.learning_rate": SPACE["train.learning_rate"]}, 0, "prm", "a", k) for k in range(3)]
+    top = max(d["train.learning_rate"] for d in lrs)
+
+    def diverge_at_the_top(cfg, data_dir, model_dir, robustness, seed):
+        if cfg.train.learning_rate == pytest.approx(top):
+            raise NonFiniteLoss("l_direct is not finite in epoch 1")
+        return real(cfg, data_dir, model_dir, robustness, seed)
+
+    monkeypatch.setattr(experiments, "train_and_evaluate", diverge_at_the_top)
+    out = tmp_path / "out"
+    assert main(["--plan", plan, "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    failed = [t for t in results["trials"] if "failed" in t]
+    assert len(failed) == 1 and failed[0]["setting"]["train.learning_rate"] == top
+    chosen = results["runs"][0]["tuning"]["chosen"]["train.learning_rate"]
+    assert chosen == sorted(d["train.learning_rate"] for d in lrs)[1]  # the best that did not diverge
+
+
+def test_study_plan_loads_with_equal_budgets_and_its_inputs_exist():
+    from dnr_tf.experiments import budget_table, load_plan, works_of
+
+    cwd = os.getcwd()
+    os.chdir(ROOT)  # the plan's paths are relative to the project root
+    try:
+        plan = load_plan("configs/study/study.yaml")  # refuses unequal budgets
+        for name, ds in plan.datasets.items():
+            assert ds.label and (ds.input is None or os.path.exists(ds.input)), name
+        assert sorted(n for n, ds in plan.datasets.items() if ds.leaky) == ["beauty_paper", "paper", "sports_paper"]
+        arms = {row.arm for row in plan.rows if "headline" in row.tables}
+        assert arms == {"direct", "dnr_b", "dnr_g", "calibrated"}
+        for row in plan.rows:
+            if "ablation" in row.tables and row.name != "dnr_b":
+                assert row.question and row.reference == "dnr_b" and row.datasets == ("cascade",)
+        works = works_of(plan)
+        assert sum(w.k is not None for w in works) == 122 and len(works) == 390
+        assert budget_table(plan)[-1] == "runs to train: 122 trials + 231 seed runs (37 reuse a trial)"
+    finally:
+        os.chdir(cwd)
