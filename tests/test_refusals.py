@@ -373,3 +373,21 @@ def test_train_table_uses_the_runs_k(capsys):
     out = capsys.readouterr().out
     assert "ndcg@3" in out and "nan" not in out.lower(), out
     assert not any(math.isnan(v) for v in metrics.values())
+
+
+def test_training_names_a_corrupt_tfrecord(tmp_path, capsys):
+    from dnr_tf.train import main
+
+    tiny_data(tmp_path / "data", lists=(40, 2, 2))
+    path = tmp_path / "data" / "train-00000-of-00001.tfrecord.gz"
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2 :] = bytes(len(raw) - len(raw) // 2)  # the second half zeroed: a gzip (or CRC) error
+    path.write_bytes(bytes(raw))
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        "model: {embedding_dim: 4, hidden_dim: 4, ffn_dim: 4}\ntrain: {epochs: 1, k: 3, monitor: ndcg@3}\n"
+    )
+    argv = ["--config", str(config), "--data_dir", str(tmp_path / "data"), "--model_dir", str(tmp_path / "run")]
+    assert main(argv) == 2
+    line = _one_line_error(capsys)
+    assert f"{path} is corrupt" in line, line
