@@ -9,6 +9,9 @@ from dnr_tf.config_io import check
 
 BACKBONES = ("prm", "dnn", "dlcm", "setrank", "mir", "sasrec", "gru4rec", "caser", "geneval")
 SCORE_FEEDS = ("none", "concat", "add", "weight")
+# The validation metrics a run reports (dnr_tf.metrics.METRIC_NAMES; not imported: it loads Keras).
+MONITORS = ("hit", "ndcg", "map", "precision", "recall", "f1", "auc")
+MAX_SEED = 2**32 - 1  # numpy's and keras.utils.set_random_seed's limit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +66,13 @@ class ModelConfig:
     def validate(self) -> None:
         check(self.embedding_dim > 0, "model.embedding_dim", "must be positive")
         check(self.hidden_dim > 0, "model.hidden_dim", "must be positive")
+        check(self.num_heads >= 1, "model.num_heads", "must be >= 1")
+        check(self.ffn_dim >= 1, "model.ffn_dim", "must be >= 1")
+        check(all(w >= 1 for w in self.dnn_layers), "model.dnn_layers", "must hold widths >= 1")
+        check(self.caser_window >= 1, "model.caser_window", "must be >= 1")
+        check(bool(self.caser_heights), "model.caser_heights", "must not be empty")
+        check(self.caser_filters >= 1, "model.caser_filters", "must be >= 1")
+        check(self.caser_vertical >= 1, "model.caser_vertical", "must be >= 1")
         check(self.hidden_dim % self.num_heads == 0, "model.hidden_dim", "must be a multiple of model.num_heads")
         check(0.0 <= self.dropout < 1.0, "model.dropout", "must be in [0, 1)")
         check(self.num_layers >= 1, "model.num_layers", "must be >= 1")
@@ -135,6 +145,10 @@ class DNRConfig:
         check(self.beta_alpha > 0 and self.beta_beta > 0, "dnr.beta_alpha", "and dnr.beta_beta must be positive")
         check(self.generator_steps >= 1, "dnr.generator_steps", "must be >= 1")
         check(self.weight_x >= 0.0, "dnr.weight_x", "must be >= 0")
+        check(self.generator_hidden >= 1, "dnr.generator_hidden", "must be >= 1")
+        check(self.generator_embedding_dim >= 1, "dnr.generator_embedding_dim", "must be >= 1")
+        check(self.generator_noise_dim >= 1, "dnr.generator_noise_dim", "must be >= 1")
+        check(self.generator_learning_rate > 0, "dnr.generator_learning_rate", "must be positive")
         check(
             self.generator_update == "alternating" or self.lambda_m > 0,
             "dnr.generator_update",
@@ -185,7 +199,21 @@ class TrainConfig:
         check(self.epochs >= 1, "train.epochs", "must be >= 1")
         check(self.batch_size >= 1, "train.batch_size", "must be >= 1")
         check(self.learning_rate > 0, "train.learning_rate", "must be positive")
+        check(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
         check(self.k >= 1, "train.k", "must be >= 1")
+        check(0 <= self.seed <= MAX_SEED, "train.seed", f"must be in [0, {MAX_SEED}]")
+        monitors = [name if name == "auc" else f"{name}@{self.k}" for name in MONITORS]
+        check(
+            self.monitor in monitors,
+            "train.monitor",
+            f"{self.monitor!r} is not a metric of this run (train.k={self.k}): use one of {', '.join(monitors)}",
+        )
+        check(self.shuffle_buffer >= 1, "train.shuffle_buffer", "must be >= 1")
+        check(
+            self.steps_per_epoch is None or self.steps_per_epoch >= 1,
+            "train.steps_per_epoch",
+            "must be >= 1 (or null: the whole split)",
+        )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,6 +7,9 @@ before any work starts. `--set a.b=value` overrides are parsed as YAML scalars.
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
+import re
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -15,6 +18,8 @@ from typing import Any, TypeVar
 import yaml
 
 T = TypeVar("T")
+# A decimal number as people write it: 1e-4, 5E3, .5, -2.5e+3 (YAML 1.1 reads some of these as strings).
+_NUMBER = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
 
 
 class ConfigError(ValueError):
@@ -24,12 +29,21 @@ class ConfigError(ValueError):
 def load_yaml(path: str) -> dict:
     """Reads a YAML mapping; a missing file or a non-mapping is a `ConfigError`."""
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f)
     except FileNotFoundError:
         raise ConfigError(f"config file {path} not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} is a directory, not a YAML file") from None
+    except PermissionError:
+        raise ConfigError(f"config file {path} is not readable (permission denied)") from None
+    except (UnicodeDecodeError, yaml.reader.ReaderError):
+        raise ConfigError(f"config file {path} is not a text file (binary or not UTF-8)") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        where = getattr(e, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where is not None else ""
+        reason = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"config file {path} is not valid YAML{line}: {reason}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -127,8 +141,13 @@ def _coerce(tp, value, key: str):
             raise ConfigError(f"{key} must be an integer, not {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+            # YAML 1.1 reads `1e-4` (no dot) as a string; users write it, so it is a number here.
+            value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key} must be a number, not {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key} must be a finite number, not {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -156,3 +175,27 @@ def check(condition: bool, key: str, message: str) -> None:
     """Raises `ConfigError` naming `key` unless `condition` holds."""
     if not condition:
         raise ConfigError(f"{key} {message}")
+
+
+def check_output_dir(path: str, flag: str) -> None:
+    """Fails before any work when `path` cannot be an output directory (a file, or not writable).
+
+    Remote paths (`gs://...`) are left to their filesystem.
+
+    Raises:
+        ConfigError: one line naming the flag and the path.
+    """
+    if "://" in path:
+        return
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        parent = os.path.dirname(existing)
+        if parent == existing:
+            break
+        existing = parent
+    if existing == os.path.abspath(path) and not os.path.isdir(existing):
+        raise ConfigError(f"{flag} {path} is a file, not a directory")
+    if not os.path.isdir(existing):
+        raise ConfigError(f"{flag} {path} cannot be created: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {path} is not writable (no write permission on {existing})")

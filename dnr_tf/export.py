@@ -12,10 +12,12 @@ Serving watches, with two signatures:
 Both return `scores` float32 `[batch, list_size]` (p(z = 1) of each candidate, 0.0 on padding),
 `top_k_item_ids` int64 `[batch, K]` and `top_k_indices` int32 `[batch, K]` (best first; 0 and -1
 where a list has fewer than K candidates). Item id 0 is padding; ids outside the vocabulary use
-the out-of-vocabulary embedding. A score outside [0, 1], NaN, a list longer than the trained
-list size, an input of the wrong rank, or a `history` or `user_id` whose batch differs from
-`item_ids`' is rejected with an error naming the field. Only the reranker is exported: the noise
-generator is training-only. `assets.extra/tf_serving_warmup_requests` holds a few real requests.
+the out-of-vocabulary embedding. An item id repeated in a list is scored at each position but
+enters the top K once, at its best-scored copy (so the top K holds distinct items). A score outside
+[0, 1], NaN, a list longer than the trained list size, an input of the wrong rank, or a `history`
+or `user_id` whose batch differs from `item_ids`' is rejected with an error naming the field. Only
+the reranker is exported: the noise generator is training-only.
+`assets.extra/tf_serving_warmup_requests` holds a few real requests.
 """
 
 from __future__ import annotations
@@ -71,8 +73,17 @@ def serving_fns(reranker, list_size: int, k: int):
             )
         mask = tf.not_equal(item_ids, S.PADDING_ID)
         scores = tf.where(mask, tf.sigmoid(logits), 0.0)
-        top = tf.math.top_k(tf.where(mask, logits, -float("inf")), k=tf.minimum(k, n))
-        valid = tf.gather(mask, top.indices, batch_dims=1)
+        # An item repeated in a list enters the top K once, at its best-scored copy (the first on ties):
+        # a copy is left out when another copy of the same id scores higher, or equal at an earlier position.
+        same = tf.equal(item_ids[:, :, None], item_ids[:, None, :])  # [batch, copy j, other i]
+        position = tf.range(n)
+        earlier = position[None, :] < position[:, None]  # [j, i]: i before j
+        beaten = (logits[:, None, :] > logits[:, :, None]) | (
+            tf.equal(logits[:, None, :], logits[:, :, None]) & earlier[None]
+        )
+        shown = mask & ~tf.reduce_any(same & beaten, axis=2)
+        top = tf.math.top_k(tf.where(shown, logits, -float("inf")), k=tf.minimum(k, n))
+        valid = tf.gather(shown, top.indices, batch_dims=1)
         indices = tf.where(valid, top.indices, -1)
         ids = tf.where(valid, tf.gather(item_ids, top.indices, batch_dims=1), tf.zeros_like(item_ids[:, :1]))
         short = k - tf.shape(indices)[1]

@@ -149,6 +149,69 @@ def check_schema(cfg: ExperimentConfig, schema) -> None:
     )
 
 
+def check_splits(data_dir: str, schema) -> None:
+    """Refuses, before any work, a split that is missing or empty, or whose records the schema cannot parse.
+
+    Reads the first record of each split (the whole split only when stats.json does not count it).
+
+    Raises:
+        ConfigError: one line naming the split, the file and what is wrong.
+    """
+    import glob
+
+    import tensorflow as tf
+
+    from dnr_tf import data as data_lib
+
+    sizes = split_sizes(data_dir)
+    for split in data_lib.SPLITS:
+        files = sorted(glob.glob(data_lib.split_pattern(data_dir, split)))
+        if not files:
+            raise FileNotFoundError(
+                f"no {split}-*.tfrecord.gz in {data_dir}: expected an output of `python -m pipeline.run`"
+            )
+        first, path = None, None
+        for path in files:
+            try:
+                first = next(iter(tf.data.TFRecordDataset([path], compression_type="GZIP").take(1)), None)
+            except tf.errors.OpError as e:
+                raise config_io.ConfigError(f"{path} is corrupt: {_first_line(e)}") from None
+            if first is not None:
+                break
+        if first is None or sizes.get(split) == 0:
+            raise config_io.ConfigError(
+                f"the {split} split of {data_dir} is empty: training needs lists in train, valid and test "
+                "(rebuild the data with more lists per user; see the pipeline's stats.json)"
+            )
+        try:
+            tf.io.parse_example(first[None], schema.feature_spec())
+        except tf.errors.InvalidArgumentError as e:
+            raise config_io.ConfigError(
+                f"{path} does not match {data_dir}/schema.json (list_size {schema.list_size}, history_len "
+                f"{schema.history_len}): {_first_line(e)}"
+            ) from None
+
+
+def find_corrupt_file(data_dir: str) -> str | None:
+    """The first TFRecord file of `data_dir` that does not read to its end (CRC or gzip error), if any."""
+    import glob
+
+    import tensorflow as tf
+
+    for path in sorted(glob.glob(os.path.join(data_dir, "*.tfrecord.gz"))):
+        try:
+            for _ in tf.data.TFRecordDataset([path], compression_type="GZIP"):
+                pass
+        except tf.errors.OpError:
+            return path
+    return None
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [line for line in str(e).strip().splitlines() if line.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
 def check_resume(model_dir: str, data_dir: str, schema) -> None:
     """A run resumed from its backup must see the data it started on: same record shapes and items."""
     from dnr_tf import schema as schema_lib
@@ -256,6 +319,8 @@ def train(
 
     schema = schema_lib.load_schema(data_dir)
     check_schema(cfg, schema)
+    check_splits(data_dir, schema)
+    config_io.check_output_dir(model_dir, "--model_dir")
     item_vocab = read_vocab(data_dir)
     check_resume(model_dir, data_dir, schema)
     os.makedirs(model_dir, exist_ok=True)
@@ -335,6 +400,7 @@ def train(
     test = _evaluate(model, test_ds)
     result = {
         "name": cfg.name,
+        "k": cfg.train.k,
         "best_epoch": best.best_epoch,
         "monitor": monitor,
         "valid": valid,
@@ -359,7 +425,8 @@ def _evaluate(model, ds) -> dict:
 
 
 def print_table(result: dict) -> None:
-    keys = ("hit@6", "ndcg@6", "map@6", "f1@6", "auc")
+    k = result.get("k", 6)
+    keys = (f"hit@{k}", f"ndcg@{k}", f"map@{k}", f"f1@{k}", "auc")
     print(f"best epoch {result['best_epoch']} by {result['monitor']}")
     print(f"{'split':6s} " + " ".join(f"{k:>8s}" for k in keys))
     for split in ("valid", "test"):
@@ -377,6 +444,10 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # noqa: BLE001 - a NonFiniteLoss gets its one line; anything else its traceback
+        if type(e).__name__ == "DataLossError":  # a CRC or gzip error while training: name the file
+            corrupt = find_corrupt_file(data_dir)
+            print(f"error: {corrupt or data_dir} is corrupt (CRC or gzip error): {_first_line(e)}", file=sys.stderr)
+            return 2
         if type(e).__name__ != "NonFiniteLoss":
             raise
         print(f"error: {e}", file=sys.stderr)

@@ -41,6 +41,9 @@ class RetrieverConfig:
 
     def validate(self) -> None:
         check(self.dim > 0, "retriever.dim", "must be positive")
+        check(self.batch_size >= 1, "retriever.batch_size", "must be >= 1")
+        check(self.learning_rate > 0, "retriever.learning_rate", "must be positive")
+        check(self.l2 >= 0, "retriever.l2", "must be >= 0")
         check(self.window_shards >= 1, "retriever.window_shards", "must be >= 1")
         check(self.shuffle_buffer >= 1, "retriever.shuffle_buffer", "must be >= 1")
         check(self.epochs > 0, "retriever.epochs", "must be positive")
@@ -74,6 +77,10 @@ class SyntheticConfig:
 
     def validate(self) -> None:
         check(self.num_users > 0, "synthetic.num_users", "must be positive")
+        check(self.num_items > 0, "synthetic.num_items", "must be positive")
+        check(self.dim >= 1, "synthetic.dim", "must be >= 1")
+        check(self.popularity >= 0, "synthetic.popularity", "must be >= 0")
+        check(self.taste_scale >= 0, "synthetic.taste_scale", "must be >= 0")
         check(self.requests_per_user >= 3, "synthetic.requests_per_user", "must be >= 3 (train, valid, test)")
         check(self.retriever_noise >= 0, "synthetic.retriever_noise", "must be >= 0")
 
@@ -133,6 +140,8 @@ class PipelineConfig:
         check(self.stride >= 1, "stride", "must be >= 1")
         check(self.history_len >= 1, "history_len", "must be >= 1")
         check(self.horizon >= 1, "horizon", "must be >= 1")
+        check(self.list_size >= 1, "list_size", "must be >= 1")
+        check(0 <= self.seed <= 2**32 - 1, "seed", f"must be in [0, {2**32 - 1}]")
         check(1 <= self.k <= self.list_size, "k", f"must be in [1, list_size={self.list_size}]")
         check(
             self.list_size > self.horizon or self.protocol == "cascade",

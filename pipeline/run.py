@@ -93,6 +93,19 @@ def check_reject_share(stats: dict, cfg: PipelineConfig, output_dir: str) -> Non
     )
 
 
+def check_splits(stats: dict) -> None:
+    """Fails the run when a split has no list: training needs all three, and its vocabulary is train's."""
+    splits = stats.get("splits", {})
+    empty = [s for s in ("train", "valid", "test") if not splits.get(s, {}).get("lists")]
+    if empty:
+        sizes = ", ".join(f"{s} {splits.get(s, {}).get('lists', 0)}" for s in ("train", "valid", "test"))
+        raise PipelineError(
+            f"the {' and '.join(empty)} split{'s are' if len(empty) > 1 else ' is'} empty (lists: {sizes}): "
+            "each user's last list goes to test, the one before to valid and the rest to train, so only users "
+            "with 3 or more lists reach every split; give users more lists (more requests per user), or more users"
+        )
+
+
 def _read_lines(pattern: str) -> list[str]:
     import tensorflow as tf
 
@@ -215,6 +228,7 @@ def run_config(cfg: PipelineConfig, output_dir: str, beam_args: list[str] | None
     from pipeline import stats as stats_lib
 
     beam_args = list(beam_args or [])
+    config_io.check_output_dir(output_dir, "--output_dir")
     start = time.time()
     interactions = cfg.source in ("movielens", "csv", "tfds")
     reader = _interaction_reader(cfg) if interactions else _lists_reader(cfg)
@@ -287,6 +301,7 @@ def run_config(cfg: PipelineConfig, output_dir: str, beam_args: list[str] | None
     splits = stats.get("splits", {})
     if not any(splits.get(s, {}).get("lists") for s in ("train", "valid", "test")):
         raise PipelineError(f"the run produced no list (see {output_dir}/stats.json and rejects-*.jsonl)")
+    check_splits(stats)
     item_vocab = sorted(int(x) for x in _read_lines(stages.work_path(output_dir, "vocab-items*")))
     user_vocab = sorted(int(x) for x in _read_lines(stages.work_path(output_dir, "vocab-users*")))
     _write_lines(os.path.join(output_dir, "item_vocab.txt"), item_vocab)

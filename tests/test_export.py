@@ -278,3 +278,161 @@ def test_serving_bench_counts_the_flops_of_the_smoke_prm_by_hand(exported):
     assert counted["attention_blocks"] == 1
     assert counted["per_request"] == 2 * e * h  # the user state, once a list
     assert counted["per_list"] == n * per_candidate + 2 * e * h
+
+
+# --- issue 15: evaluate refuses what the model cannot represent; serving ranks a repeated item once -----------
+
+
+def _hand_data(data_dir, list_size, lists=3, empty_test=False):
+    """A pipeline output written by hand: `lists` records in each split (test empty on request)."""
+    os.makedirs(data_dir, exist_ok=True)
+    schema = S.RecordSchema(list_size=list_size, history_len=3)
+    options = tf.io.TFRecordOptions(compression_type="GZIP")
+    for split in ("train", "valid", "test"):
+        with tf.io.TFRecordWriter(os.path.join(data_dir, f"{split}-00000-of-00001.tfrecord.gz"), options) as w:
+            for j in range(0 if empty_test and split == "test" else lists):
+                rec = {
+                    S.REQUEST_ID: f"{split}{j}",
+                    S.USER_ID: 1,
+                    S.TIMESTAMP: j,
+                    S.ITEM_IDS: list(range(1, list_size + 1)),
+                    S.RETRIEVER_SCORES: [0.5] * list_size,
+                    S.LABELS: [int(i == j) for i in range(list_size)],
+                    S.HISTORY: [1],
+                }
+                w.write(S.to_example(rec, schema))
+    S.write_schema(schema, str(data_dir))
+    return str(data_dir)
+
+
+def _eval_cli(model, data_dir, capsys, *extra):
+    from dnr_tf.evaluate import main
+
+    rc = main(["--model", str(model), "--data_dir", str(data_dir), "--output", os.devnull, *extra])
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert rc == 2 and len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_evaluate_refuses_k_outside_the_list(exported, capsys):
+    for k in ("0", "51", "-1"):
+        for model in (exported["run"], exported["path"]):
+            line = _eval_cli(model, exported["data_dir"], capsys, "--k", k)
+            assert f"--k {k} must be in [1, 50]" in line and "schema.json" in line, line
+
+
+def test_evaluate_refuses_lists_longer_than_trained(exported, tmp_path, capsys):
+    data = _hand_data(tmp_path / "long", list_size=60)
+    for model in (exported["run"], exported["path"]):
+        line = _eval_cli(model, data, capsys)
+        assert "lists of 60 candidates" in line and "trained on lists of 50" in line and str(model) in line, line
+
+
+def test_evaluate_refuses_an_empty_split(exported, tmp_path, capsys):
+    data = _hand_data(tmp_path / "empty", list_size=50, empty_test=True)
+    line = _eval_cli(exported["run"], data, capsys)
+    assert "the test split of" in line and "holds no list" in line, line
+
+
+def test_evaluate_names_a_corrupt_tfrecord_and_records_that_disagree_with_schema(exported, tmp_path, capsys):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(exported["data_dir"], data)
+    (test_file,) = sorted(data.glob("test-*.tfrecord.gz"))
+    raw = bytearray(test_file.read_bytes())
+    middle = len(raw) // 2
+    raw[middle : middle + 64] = bytes(64)
+    test_file.write_bytes(bytes(raw))
+    line = _eval_cli(exported["path"], data, capsys)
+    assert f"{test_file} is corrupt" in line, line
+
+    shutil.copy(exported["data_dir"] / test_file.name, test_file)
+    schema = json.loads((data / "schema.json").read_text())
+    schema["history_len"] = 7  # the records hold 20
+    (data / "schema.json").write_text(json.dumps(schema))
+    line = _eval_cli(exported["run"], data, capsys)
+    assert f"{test_file} does not match {data}/schema.json" in line, line
+
+
+@pytest.mark.parametrize("damage", ["variables_missing", "variables_truncated"])
+def test_evaluate_refuses_a_corrupt_saved_model_in_one_line(exported, tmp_path, capsys, damage):
+    import shutil
+
+    model = tmp_path / "1"
+    shutil.copytree(exported["path"], model)
+    (data_file,) = sorted((model / "variables").glob("variables.data-*"))
+    if damage == "variables_missing":
+        shutil.rmtree(model / "variables")
+    else:
+        data_file.write_bytes(data_file.read_bytes()[:100])
+    line = _eval_cli(model, exported["data_dir"], capsys)
+    assert str(model) in line and "not a loadable SavedModel" in line, line
+
+
+def test_evaluate_uses_the_runs_k(exported, tmp_path, capsys):
+    import shutil
+
+    import yaml
+
+    from dnr_tf.evaluate import main
+
+    run = tmp_path / "run_k3"
+    shutil.copytree(exported["run"], run)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["train"].update(k=3, monitor="ndcg@3")
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    assert (
+        main(["--model", str(run), "--data_dir", str(exported["data_dir"]), "--output", str(tmp_path / "e.json")]) == 0
+    )
+    out = capsys.readouterr().out
+    assert "ndcg@3" in out and "nan" not in out.lower(), out
+    assert json.loads((tmp_path / "e.json").read_text())["k"] == 3
+
+
+def test_a_repeated_item_enters_the_top_k_once_in_a_fresh_process(exported, tmp_path):
+    """The same item three times in one request: both signatures rank it once, at its best copy."""
+    dense = _dense_batch(exported["data_dir"], 1)
+    a, b = (int(v) for v in dense[S.ITEM_IDS][0, :2])
+    ids = np.array([[a, a, a, b]], np.int64)
+    scores = np.array([[0.9, 0.8, 0.7, 0.1]], np.float32)
+    history = dense[S.HISTORY][:1]
+    example = tf.train.Example(
+        features=tf.train.Features(
+            feature={
+                S.ITEM_IDS: tf.train.Feature(int64_list=tf.train.Int64List(value=ids[0].tolist())),
+                S.RETRIEVER_SCORES: tf.train.Feature(float_list=tf.train.FloatList(value=scores[0].tolist())),
+                S.HISTORY: tf.train.Feature(int64_list=tf.train.Int64List(value=history[0].tolist())),
+            }
+        )
+    ).SerializeToString()
+    np.savez(tmp_path / "in.npz", ids=ids, scores=scores, history=history)
+    (tmp_path / "example.bin").write_bytes(example)
+    script = textwrap.dedent(
+        f"""
+        import sys, importlib.abc
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path, target=None):
+                if name.split(".")[0] in ("dnr_tf", "pipeline"):
+                    raise ImportError("the export must not need " + name)
+        sys.meta_path.insert(0, Block())
+        import numpy as np, tensorflow as tf
+        m = tf.saved_model.load({exported["path"]!r})
+        d = np.load({str(tmp_path / "in.npz")!r})
+        a = m.signatures["predict_lists"](item_ids=tf.constant(d["ids"]), retriever_scores=tf.constant(d["scores"]),
+            history=tf.constant(d["history"]), user_id=tf.constant([1], tf.int64))
+        ex = open({str(tmp_path / "example.bin")!r}, "rb").read()
+        b = m.signatures["serving_default"](examples=tf.constant([ex]))
+        np.savez({str(tmp_path / "out.npz")!r}, **{{p + k: o[k].numpy() for p, o in (("a_", a), ("b_", b)) for k in o}})
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, check=True, capture_output=True)
+    out = np.load(tmp_path / "out.npz")
+    for p in ("a_", "b_"):
+        scores_out, top_ids, top_idx = out[p + "scores"][0], out[p + "top_k_item_ids"][0], out[p + "top_k_indices"][0]
+        assert np.all(scores_out > 0)  # every copy is scored
+        best_copy = int(np.argmax(scores_out[:3]))
+        assert sorted(top_ids[:2].tolist()) == sorted([a, b]) and top_ids[2:].tolist() == [0] * 4, top_ids
+        assert sorted(top_idx[:2].tolist()) == sorted([best_copy, 3]) and top_idx[2:].tolist() == [-1] * 4, top_idx

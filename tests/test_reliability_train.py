@@ -140,7 +140,7 @@ def test_data_dir_shapes_disagreeing_with_the_config_fail_with_the_key(synthetic
     data_dir = synthetic_data[0]
     list_size = json.loads((data_dir / "schema.json").read_text())["list_size"]
     base = ["--config", SMOKE, "--data_dir", str(data_dir), "--model_dir", str(tmp_path / "r")]
-    assert main([*base, "--set", f"train.k={list_size + 1}"]) == 2
+    assert main([*base, "--set", f"train.k={list_size + 1}", "--set", f"train.monitor=ndcg@{list_size + 1}"]) == 2
     assert f"train.k must not exceed the data's list size {list_size}" in capsys.readouterr().err
     assert not (tmp_path / "r").exists(), "it failed before any work"
 

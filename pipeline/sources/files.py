@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import zlib
 
 import apache_beam as beam
 from apache_beam.io import fileio
@@ -35,6 +36,14 @@ def expand_input(pattern: str) -> list[str]:
     return sorted(paths)
 
 
+class InputFileError(OSError):
+    """A whole input file cannot be read (truncated or corrupt compression); the message names it."""
+
+
+MAX_LINE_BYTES = 1 << 20  # a longer line is a rejected record, never read whole into memory
+_CHUNK = 1 << 16
+
+
 def _open_bytes(path: str):
     raw = FileSystems.open(path, compression_type="uncompressed")
     head = raw.read(2)
@@ -46,26 +55,74 @@ def _open_bytes(path: str):
     return raw
 
 
-def numbered_lines(path: str):
-    """Yields (line_number, text) of a text file, or (line_number, None, reason) for a bad line.
+def _raw_lines(f, max_bytes: int):
+    """Yields lines (bytes); a line over `max_bytes` is yielded as None and skipped to its end."""
+    while True:
+        line = f.readline(max_bytes + 1)
+        if not line:
+            return
+        if len(line) <= max_bytes or line.endswith(b"\n"):
+            yield line
+            continue
+        while line and not line.endswith(b"\n"):
+            line = f.readline(_CHUNK)
+        yield None
+
+
+def check_readable(path: str) -> None:
+    """Reads a gzip input to its end before the run, so a truncated or corrupt one fails first.
+
+    Raises:
+        InputFileError: one line naming the file and what is wrong with it.
+    """
+    with FileSystems.open(path, compression_type="uncompressed") as raw:
+        if raw.read(2) != b"\x1f\x8b":
+            return
+    try:
+        with _open_bytes(path) as f:
+            while f.read(_CHUNK):
+                pass
+    except (EOFError, OSError, zlib.error) as e:
+        raise InputFileError(f"{path}: not a readable gzip file ({_one_line(e)}); it is truncated or corrupt") from None
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+def numbered_lines(path: str, max_line_bytes: int = MAX_LINE_BYTES):
+    """Yields (line_number, text, None) of a text file, or (line_number, None, reason) for a bad line.
 
     Handles gzip (by magic bytes), a UTF-8 byte-order mark, and Windows line endings. Blank lines
-    are skipped. A line that is not UTF-8 or holds NUL bytes is reported, not decoded.
+    are skipped. A line that is not UTF-8, holds NUL bytes or is longer than `max_line_bytes` is
+    reported, not decoded.
+
+    Raises:
+        InputFileError: naming the file and the last line read, when its gzip stream is truncated
+            or corrupt (`check_readable` finds this before a run).
     """
-    with _open_bytes(path) as f:
-        for number, raw in enumerate(f, 1):
-            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                raw = raw[3:]
-            raw = raw.rstrip(b"\r\n")
-            if not raw.strip():
-                continue
-            if b"\x00" in raw:
-                yield number, None, "binary data (NUL byte): not a text file"
-                continue
-            try:
-                yield number, raw.decode("utf-8"), None
-            except UnicodeDecodeError:
-                yield number, None, "not UTF-8 text"
+    number = 0
+    try:
+        with _open_bytes(path) as f:
+            for number, raw in enumerate(_raw_lines(f, max_line_bytes), 1):
+                if raw is None:
+                    yield number, None, f"line longer than {max_line_bytes} bytes"
+                    continue
+                if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                    raw = raw[3:]
+                raw = raw.rstrip(b"\r\n")
+                if not raw.strip():
+                    continue
+                if b"\x00" in raw:
+                    yield number, None, "binary data (NUL byte): not a text file"
+                    continue
+                try:
+                    yield number, raw.decode("utf-8"), None
+                except UnicodeDecodeError:
+                    yield number, None, "not UTF-8 text"
+    except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+        raise InputFileError(f"{path}: gzip stream truncated or corrupt after line {number} ({_one_line(e)})") from None
 
 
 class ReadNumbered(beam.PTransform):
@@ -76,13 +133,15 @@ class ReadNumbered(beam.PTransform):
 
     Args:
         pattern: a file, glob or directory (expanded with `expand_input` when the pipeline is
-            built, so a missing input fails before the run).
+            built, so a missing input fails before the run, and so does a truncated gzip).
         parse_file: (path, numbered lines) -> records or reject dicts.
     """
 
     def __init__(self, pattern: str, parse_file):
         super().__init__()
         self._paths = expand_input(pattern)
+        for path in self._paths:
+            check_readable(path)
         self._parse_file = parse_file
 
     def expand(self, pbegin):

@@ -49,7 +49,9 @@ _DIGITS = re.compile(r"[+-]?[0-9]+")
 def _positive_int(value: str, field: str) -> tuple[int | None, str | None]:
     value = value.strip()
     if not _DIGITS.fullmatch(value):
-        return None, f"{field} {value!r} is not an integer"
+        return None, f"{field} {value[:40]!r} is not an integer"
+    if len(value.lstrip("+-0")) > 19:  # int() of a few thousand digits raises; int64 has 19
+        return None, f"{field} {value[:40]} does not fit in int64"
     number = int(value)
     if number <= 0:
         return None, f"{field} {number} must be a positive integer (0 is padding)"
@@ -70,7 +72,9 @@ def _timestamp(value: str) -> tuple[int | None, str | None]:
         except ValueError:
             return None, f"timestamp {value!r} is not a number"
         if not math.isfinite(number):
-            return None, f"timestamp {value!r} is not finite"
+            return None, f"timestamp {value[:40]!r} is not finite"
+        if number < 0:  # before truncation: -0.5 is negative, not 0
+            return None, f"timestamp {value} is negative"
         number = int(number)
     if number < 0:
         return None, f"timestamp {number} is negative"
@@ -139,7 +143,13 @@ def parse_csv(path, lines):
         if text is None:
             yield reject(path, number, bad)
             continue
-        fields = next(csv.reader([text]))
+        try:
+            fields = next(csv.reader([text]))
+        except csv.Error as e:  # e.g. a field over csv.field_size_limit(), an unclosed quote
+            if header is None:
+                raise ValueError(f"{path}:{number}: the CSV header cannot be read: {e}") from None
+            yield reject(path, number, f"not a valid CSV line: {e}", text)
+            continue
         if header is None:
             header = [h.strip() for h in fields]
             missing = [c for c in CSV_REQUIRED if c not in header]

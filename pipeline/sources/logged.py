@@ -107,6 +107,12 @@ def parse_logged(max_list_size: int):
             except json.JSONDecodeError as e:
                 yield reject(path, number, f"not valid JSON: {e.msg} at column {e.colno}", text)
                 continue
+            except RecursionError:
+                yield reject(path, number, "not valid JSON here: nested too deeply", text)
+                continue
+            except ValueError as e:  # e.g. an integer of more digits than Python converts
+                yield reject(path, number, f"not valid JSON here: {str(e).splitlines()[0]}", text)
+                continue
             reason = validate_list(obj, max_list_size)
             if reason is not None:
                 yield reject(path, number, reason, text)
