@@ -146,6 +146,9 @@ def run_one(plan: Plan, row: Row, dataset: str, seed: int, out: str) -> dict:
         "tables": list(row.tables),
         "config": config_io.to_dict(cfg),
         "best_epoch": trained["best_epoch"],
+        "epochs_run": trained["epochs_run"],  # with max_epochs: was the best epoch the last allowed?
+        "max_epochs": trained["max_epochs"],
+        "stopped_early": trained["stopped_early"],
         "valid": trained["valid"],
         "test": trained["test"],
         "robustness": {k: v for k, v in robust.items() if k != "per_list_ndcg"},
