@@ -12,7 +12,7 @@ from dnr_tf import callbacks as cb
 from dnr_tf import config_io
 from dnr_tf import schema as S
 from dnr_tf.config import DNRConfig, ExperimentConfig, TrainConfig
-from dnr_tf.model import quantile_gap, targets, x_regulariser
+from dnr_tf.model import DNRModel, quantile_gap, targets, x_regulariser
 from dnr_tf.noise import logit_mix
 from dnr_tf.train import build_model, datasets, read_vocab, train
 
@@ -93,34 +93,49 @@ class _KilledAfter(Exception):
     pass
 
 
-def test_short_run_stops_early_and_a_resumed_run_stops_at_the_same_epoch(synthetic_data, tmp_path, monkeypatch):
+def test_short_run_stops_early_and_a_run_killed_mid_warmup_resumes_to_the_same_end(
+    synthetic_data, tmp_path, monkeypatch
+):
     data_dir, _ = synthetic_data
-    # A learning rate too small to change any weight: the monitor is flat from epoch 1, and with
-    # patience 2 a direct run would stop after epoch 3; DNR switching at lambda_e = 2 gives the
-    # model-based phase its 2 epochs first, so it stops after epoch 4 of at most 6.
-    cfg = _cfg(train={"epochs": 6, "patience": 2, "learning_rate": 1e-12, "steps_per_epoch": 2}, lambda_e=2)
+    # A learning rate too small to change any reranker weight: the monitor is flat from epoch 1, and
+    # with patience 2 a direct run would stop after epoch 3; DNR switching at lambda_e = 2 gives the
+    # model-based phase its 2 epochs first, so it stops after epoch 4 of at most 6. The generator
+    # (its own learning rate) warms up for 3 steps at the start of epoch 3, then trains.
+    cfg = _cfg(
+        train={"epochs": 6, "patience": 2, "learning_rate": 1e-12, "steps_per_epoch": 2},
+        lambda_e=2,
+        generator_warmup_steps=3,
+    )
     whole = train(cfg, str(data_dir), str(tmp_path / "whole"), verbose=0)
     assert whole["stopped_early"] is True
     assert (whole["epochs_run"], whole["best_epoch"], whole["max_epochs"]) == (4, 1, 6)
     assert whole["history"]["sampler_phase"] == [0.0, 0.0, 1.0, 1.0]
+    assert whole["steps"]["generator_warmup"] == 3 and whole["steps"]["generator"] == 4
     assert json.load(open(tmp_path / "whole" / "metrics.json"))["epochs_run"] == 4
 
-    # The same run killed after epoch 2's backup, then resumed.
-    original = cb.EpochTimer.on_epoch_end
+    # The same run killed during the warm-up (its second step, after epoch 2's backup), then resumed.
+    original = DNRModel.warmup_step
+    calls = []
 
-    def killed(self, epoch, logs=None):
-        original(self, epoch, logs)
-        if epoch == 1:
+    def killed(self, *args):
+        calls.append(1)
+        if len(calls) == 2:
             raise _KilledAfter()
+        return original(self, *args)
 
-    monkeypatch.setattr(cb.EpochTimer, "on_epoch_end", killed)
+    monkeypatch.setattr(DNRModel, "warmup_step", killed)
     with pytest.raises(_KilledAfter):
         train(cfg, str(data_dir), str(tmp_path / "run"), verbose=0)
-    monkeypatch.setattr(cb.EpochTimer, "on_epoch_end", original)
+    monkeypatch.setattr(DNRModel, "warmup_step", original)
     resumed = train(cfg, str(data_dir), str(tmp_path / "run"), verbose=0)
     assert len(resumed["history"]["loss"]) == 2, "only epochs 3 and 4 ran after the resume"
     for key in ("stopped_early", "epochs_run", "best_epoch"):
         assert resumed[key] == whole[key], key
+    assert resumed["steps"]["generator_warmup"] == 3, "the warm-up redone whole, counted once"
+    assert resumed["generator_warmup"] == pytest.approx(whole["generator_warmup"], rel=1e-5)
+    # The generator after the warm-up is the uninterrupted run's: its losses in epochs 3-4 agree.
+    for key in ("l_adv", "l_x", "val_ndcg@6"):
+        assert resumed["history"][key] == pytest.approx(whole["history"][key][2:], rel=1e-5, abs=1e-6), key
     for split in ("valid", "test"):
         for key, value in whole[split].items():
             assert resumed[split][key] == pytest.approx(value, rel=1e-5, abs=1e-6), (split, key)
