@@ -191,3 +191,132 @@ class RngStateBackup(keras.callbacks.Callback):
         with open(tmp, "w") as f:
             json.dump(saved, f)
         os.replace(tmp, self.path)
+
+
+def _backup_epochs(backup_dir: str) -> int:
+    """Epochs the backup in `backup_dir` has completed (0 without one)."""
+    path = os.path.join(backup_dir, "training_metadata.json")
+    if not os.path.exists(path):
+        return 0
+    with open(path) as f:
+        return int(json.load(f).get("epoch", 0))
+
+
+class EarlyStop(keras.callbacks.Callback):
+    """Stops a run once `monitor` has not improved for `patience` epochs (`train.patience`).
+
+    "Improved" is `BestWeights`' rule: strictly above every earlier epoch, so the best epoch here
+    is the one `best.json` holds. `min_epochs`: never stop before this many epochs (a DNR run with
+    a model-based phase passes lambda_e + patience, so that the phase after the switch gets
+    `patience` epochs of its own). `train.epochs` stays the maximum.
+
+    Survives a kill: the counter is not kept in memory alone. Each epoch's monitor value goes to
+    `<backup_dir>/early_stop.json` *before* `BackupAndRestore` writes that epoch (put this callback
+    before it), and a resumed run recomputes the best epoch from the values of the epochs its
+    backup holds, so it stops where an uninterrupted run stops. A run killed after the backup of
+    the epoch that decided the stop has nothing left to train: `epochs_to_run` tells `train` to
+    call `fit` for no further epoch. With `patience` 0 it only counts the epochs run.
+    """
+
+    FILE = "early_stop.json"
+
+    def __init__(self, backup_dir: str, monitor: str, patience: int, min_epochs: int = 0):
+        super().__init__()
+        self.path = os.path.join(backup_dir, self.FILE)
+        self.monitor, self.patience, self.min_epochs = monitor, patience, min_epochs
+        self.values: list[float] = []  # the monitor of epoch 1, 2, ...
+        self.stopped_early = False
+        self.epochs_run = 0
+
+    @staticmethod
+    def should_stop(values, patience: int, min_epochs: int = 0) -> bool:
+        """True when, after the epochs of `values` (the monitor of epoch 1, 2, ...), the best epoch is
+        `patience` or more epochs back and at least `min_epochs` epochs have run."""
+        if patience <= 0 or not values or len(values) < min_epochs:
+            return False
+        best, best_epoch = -math.inf, 0
+        for epoch, value in enumerate(values, start=1):
+            if value > best:
+                best, best_epoch = value, epoch
+        return best_epoch > 0 and len(values) - best_epoch >= patience
+
+    def _load(self) -> None:
+        """The values of the epochs the backup holds (none for a fresh run)."""
+        done = _backup_epochs(os.path.dirname(self.path))
+        saved = {}
+        if done and os.path.exists(self.path):
+            with open(self.path) as f:
+                saved = json.load(f)
+        # An epoch without a value (a backup written with early stopping off) never counts as the best.
+        self.values = [float(saved.get(str(e), -math.inf)) for e in range(1, done + 1)]
+        self.epochs_run = done
+        self.stopped_early = self.should_stop(self.values, self.patience, self.min_epochs)
+
+    def epochs_to_run(self, max_epochs: int) -> int:
+        """The `epochs` for `fit`: `max_epochs`, or the epochs already done when they decided a stop."""
+        self._load()
+        return self.epochs_run if self.stopped_early else max_epochs
+
+    def on_train_begin(self, logs=None):
+        self._load()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.epochs_run = epoch + 1
+        if self.patience <= 0:
+            return
+        value = (logs or {}).get(self.monitor)
+        if value is None:
+            raise KeyError(f"monitor {self.monitor!r} not in the epoch's logs: {sorted(logs or {})}")
+        self.values = [*self.values[:epoch], float(value)]
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({str(e): v for e, v in enumerate(self.values, start=1)}, f)
+        os.replace(tmp, self.path)
+        if self.should_stop(self.values, self.patience, self.min_epochs):
+            self.stopped_early = True
+            self.model.stop_training = True
+
+
+class GeneratorWarmup(keras.callbacks.Callback):
+    """`dnr.generator_warmup_steps`: at the start of the first model-based epoch (`start_epoch`,
+    lambda_e), `steps` updates of the generator alone toward the heuristic sampler's x' per label
+    (`DNRModel.warmup_step`), before the reranker's first step with the generator.
+
+    `batches`: (features, labels) batches of the train split, cycled (`train` passes the stream of
+    the switch epoch). Draws come from this callback's own seed, never from the training noise.
+    Resume: the count `warmup_done` is a model variable, saved with each epoch's backup. A run
+    killed during the warm-up (or before the end of its epoch) resumes from the backup of the
+    epoch before, which predates the warm-up: it redoes the whole warm-up, from the same generator
+    weights, batches and seed, so the result is that of an uninterrupted run and the steps are
+    counted once. A run resumed later finds the count complete and skips it.
+    """
+
+    def __init__(self, batches, steps: int, start_epoch: int, seed: int):
+        super().__init__()
+        self.batches, self.steps, self.start_epoch = batches, steps, start_epoch
+        self.seed = keras.random.SeedGenerator(seed, name="warmup_seed")
+        self.criterion: list[float] = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        done_var = getattr(self.model, "warmup_done", None)
+        if done_var is None or epoch < self.start_epoch:
+            return
+        done = int(done_var.numpy())
+        if done >= self.steps:
+            return
+        iterator = iter(self.batches.repeat())
+        for _ in range(self.steps - done):
+            features, labels = next(iterator)
+            self.criterion.append(float(self.model.warmup_step(features, labels, self.seed)))
+
+    def summary(self) -> dict:
+        """Steps done (the model's count) and the criterion's mean over the first and the last ten
+        steps this process ran (None when it ran none)."""
+        done_var = getattr(self.model, "warmup_done", None)
+        head, tail = self.criterion[:10], self.criterion[-10:]
+        return {
+            "steps": int(done_var.numpy()) if done_var is not None else 0,
+            "criterion_first": sum(head) / len(head) if head else None,
+            "criterion_last": sum(tail) / len(tail) if tail else None,
+        }

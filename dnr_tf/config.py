@@ -107,6 +107,18 @@ class DNRConfig:
         use_adv: the adversarial term L_adv (eq. 7) in the generator's loss.
         use_x_reg: the regulariser L_x' (eq. 8) in the generator's loss.
         weight_x: weight of L_x' against L_adv.
+        x_reg: the form of L_x': `log_ratio` (the squared log-ratio mean (log x - log x')^2, bounded
+            below by 0 at x' = x) or `eq8` (eq. 8 as printed, -E[log(x / x')], with x and x' clipped
+            to [1e-6, 1]; unbounded below without the clip and minimised by x' -> 1e-6, not by
+            x' = x; `dnr_tf.model.x_regulariser`).
+        generator_eps: how the generator's output a (an unbounded real) makes x': `sigmoid`
+            (eq. 4 with eps = sigmoid(a) in (0, 1): for lambda_c <= 0.5 positives' x' lie in
+            (1 - lambda_c, 1) and negatives' in (0, lambda_c), so x' separates the labels by
+            construction) or `logit` (x' = sigmoid(logit(m_z) + lambda_c a), m_z = (1 - lambda_c) z
+            + lambda_c / 2: both labels' x' range over all of (0, 1); `dnr_tf.noise.logit_mix`).
+        generator_warmup_steps: at the switch to the model-based sampler, first train the
+            generator alone for this many steps to match the heuristic sampler's x' per label
+            (`DNRModel.warmup_step`); 0: off. Counted in metrics.json `steps.generator_warmup`.
         generator_steps: generator updates per reranker update.
         generator_hidden: hidden width of the generator's 2-layer MLP.
         generator_embedding_dim: the generator's own item embedding size.
@@ -137,6 +149,9 @@ class DNRConfig:
     generator_noise_dim: int = 8
     generator_learning_rate: float = 1e-3
     generator_update: Literal["alternating", "simultaneous"] = "alternating"
+    x_reg: Literal["log_ratio", "eq8"] = "log_ratio"
+    generator_eps: Literal["sigmoid", "logit"] = "sigmoid"
+    generator_warmup_steps: int = 0
 
     def validate(self) -> None:
         check(0.0 < self.lambda_c < 1.0, "dnr.lambda_c", "must be in (0, 1)")
@@ -154,6 +169,9 @@ class DNRConfig:
             "dnr.generator_update",
             "simultaneous needs dnr.lambda_m > 0 (the generator's gradient is reversed through L_z)",
         )
+        check(self.x_reg in ("log_ratio", "eq8"), "dnr.x_reg", "must be log_ratio or eq8")
+        check(self.generator_eps in ("sigmoid", "logit"), "dnr.generator_eps", "must be sigmoid or logit")
+        check(self.generator_warmup_steps >= 0, "dnr.generator_warmup_steps", "must be >= 0 (0: no warm-up)")
 
     @property
     def trains_generator(self) -> bool:
@@ -181,6 +199,10 @@ class TrainConfig:
             with the same losses and gradients as two calls (tested). Off by default: on the 2-core
             CPU of docs/performance.md it is 5-10% slower than two calls; it is the usual win where
             per-call overhead dominates (accelerators), not measured here.
+        patience: early stopping (`dnr_tf.callbacks.EarlyStop`): stop once `monitor` has not
+            improved for this many epochs; `epochs` is then the maximum. 0: off (every epoch runs).
+            A DNR run with a model-based phase never stops before that phase has had `patience`
+            epochs (epoch lambda_e + patience), so an early stop cannot skip the switch.
     """
 
     epochs: int = 10
@@ -194,9 +216,11 @@ class TrainConfig:
     steps_per_epoch: int | None = None
     on_nonfinite: Literal["stop", "skip"] = "stop"
     fused_step: bool = False
+    patience: int = 0
 
     def validate(self) -> None:
         check(self.epochs >= 1, "train.epochs", "must be >= 1")
+        check(self.patience >= 0, "train.patience", "must be >= 0 (0: no early stopping)")
         check(self.batch_size >= 1, "train.batch_size", "must be >= 1")
         check(self.learning_rate > 0, "train.learning_rate", "must be positive")
         check(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")

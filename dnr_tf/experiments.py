@@ -275,6 +275,9 @@ def train_and_evaluate(cfg: ExperimentConfig, data_dir: str, model_dir: str, rob
     robust = evaluate_perturbed(model, test_ds, robustness, k=cfg.train.k, seed=seed)
     return {
         "best_epoch": trained["best_epoch"],
+        "epochs_run": trained["epochs_run"],  # with max_epochs: was the best epoch the last allowed?
+        "max_epochs": trained["max_epochs"],
+        "stopped_early": trained["stopped_early"],
         "valid": trained["valid"],
         "test": trained["test"],
         "robustness": {k: v for k, v in robust.items() if k != "per_list_ndcg"},

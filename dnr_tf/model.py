@@ -9,10 +9,14 @@ Per batch (paper algorithm 1):
        L_phi = L_adv + weight_x L_x'
        L_adv = -BCE(z, q_theta(x'))  (eq. 7: minimise log q_theta(z | x'), i.e. make x' that the
                reranker fails to reconstruct)
-       L_x'  = mean over unpadded candidates of (log x - log x')^2.
+       L_x'  = mean over unpadded candidates of (log x - log x')^2          (`dnr.x_reg: log_ratio`)
    Eq. 8 as printed, L_x' = -E[log(x / x')], is unbounded below in x' (it drives x' to 0), so it
    cannot keep x' near x as the text intends; the squared log-ratio is the bounded instance-level
-   alignment with the same log-ratio, and it is 0 exactly when x' = x.
+   alignment with the same log-ratio, and it is 0 exactly when x' = x. `dnr.x_reg: eq8` trains
+   the printed form instead, made finite by clipping (`x_regulariser`), to measure the difference.
+Generator warm-up (`dnr.generator_warmup_steps`, `warmup_step`): at the switch, the generator
+alone is first fitted to the heuristic sampler's x' per label, so the reranker never meets an
+untrained generator.
 Cost (docs/performance.md): the real and the generated lists go through the reranker in one call,
 stacked along the batch (`train.fused_step`); with `dnr.generator_update: simultaneous` the
 generator's gradient comes from that same forward and backward pass (`compute_step`).
@@ -99,11 +103,42 @@ def dense_gradients(grads):
     return [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g for g in grads]
 
 
-def x_regulariser(x, x_fake, mask):
-    """L_x' = mean over unpadded candidates of (log x - log x')^2."""
+def x_regulariser(x, x_fake, mask, kind: str = "log_ratio"):
+    """L_x' over the unpadded candidates of x, x_fake `[batch, list_size]` (mask: bool, same shape).
+
+    With l = log clip(x, 1e-6, 1) - log clip(x', 1e-6, 1) and the mean over unpadded candidates:
+    - `log_ratio`: L_x' = mean(l^2), bounded below by 0, reached exactly at x' = x.
+    - `eq8`: L_x' = -mean(l) = mean(log x' - log x), eq. 8 as printed, with the expectation over
+      p_phi estimated by the one draw x' of each candidate. As printed it takes log 0 where x or x'
+      is 0 (a retriever score of 0 exists; a generated x' underflows to 0) and is unbounded below
+      (minimised by x' -> 0). The clip at 1e-6 (the `log_ratio` clip) makes it finite, with
+      finite gradient 1/x' <= 1e6, and bounds it below by log 1e-6 - log x; below the clip its
+      gradient is 0. Its minimiser stays x' = 1e-6, not x' = x: it pulls x' down.
+    """
     maskf = ops.cast(mask, "float32")
     diff = ops.log(ops.clip(x, _LOG_EPS, 1.0)) - ops.log(ops.clip(x_fake, _LOG_EPS, 1.0))
+    if kind == "eq8":
+        return -ops.sum(diff * maskf) / ops.maximum(ops.sum(maskf), 1.0)
     return ops.sum(diff * diff * maskf) / ops.maximum(ops.sum(maskf), 1.0)
+
+
+def quantile_gap(x_a, x_b, mask, z):
+    """Warm-up criterion: sum over labels c of the squared 1-D Wasserstein-2 distance between the
+    x_a and x_b `[batch, list_size]` of the unpadded candidates with z = c.
+
+    Both are drawn for the same candidates, so each label has as many values in both: sorted
+    (padding and the other label set to 2, above every score, where both agree), the i-th
+    smallest of x_a is paired with the i-th smallest of x_b (quantile matching), and
+    W2^2 = mean over pairs of the squared gap. Differentiable in x_a (sorting permutes values).
+    """
+    total = ops.zeros(())
+    for label in (0.0, 1.0):
+        chosen = ops.logical_and(mask, ops.equal(z, label))
+        a = ops.sort(ops.reshape(ops.where(chosen, x_a, 2.0), (-1,)))
+        b = ops.sort(ops.reshape(ops.where(chosen, x_b, 2.0), (-1,)))
+        n = ops.sum(ops.cast(chosen, "float32"))
+        total = total + ops.sum(ops.square(a - b)) / ops.maximum(n, 1.0)
+    return total
 
 
 class VariableReport(keras.metrics.Metric):
@@ -153,6 +188,7 @@ class DNRModel(keras.Model):
                 dnr.generator_noise_dim,
                 dnr.lambda_c,
                 seed=seed,
+                eps_space=dnr.generator_eps,
                 name="generator",
             )
             self.generator_optimizer = keras.optimizers.Adam(dnr.generator_learning_rate, name="generator_adam")
@@ -178,6 +214,14 @@ class DNRModel(keras.Model):
             aggregation="only_first_replica",
             name="skipped_steps",
         )
+        self.warmup_optimizer = self.warmup_done = None
+        if self.generator is not None and dnr.generator_warmup_steps > 0:
+            # Its own optimizer: the adversarial phase's starts as it would without a warm-up.
+            self.warmup_optimizer = keras.optimizers.Adam(dnr.generator_learning_rate, name="generator_warmup_adam")
+            self.warmup_done = self.add_weight(
+                shape=(), dtype="int32", initializer="zeros", trainable=False, name="generator_warmup_done"
+            )
+        self._warmup_fn = None
         self.trackers = {name: keras.metrics.Mean(name=name) for name in LOSS_TERMS}
         self.ranking = RankingMetrics(cfg.train.k)
         self.reports = [
@@ -198,6 +242,8 @@ class DNRModel(keras.Model):
             z = ops.zeros_like(features[S.RETRIEVER_SCORES])
             self.generator(features, z, seed=self.noise_seed)
             self.generator_optimizer.build(self.generator.trainable_variables)
+            if self.warmup_optimizer is not None:
+                self.warmup_optimizer.build(self.generator.trainable_variables)
         self.optimizer.build(self.reranker.trainable_variables)
         self._built_all = True
 
@@ -285,8 +331,8 @@ class DNRModel(keras.Model):
         x_fake = self.generator(features, z, seed=self.noise_seed, training=True)
         logits = self.reranker({**features, S.RETRIEVER_SCORES: x_fake}, training=False)
         l_adv = -masked_bce(z, logits, mask)
-        l_x = x_regulariser(features[S.RETRIEVER_SCORES], x_fake, mask)
         dnr = self.cfg.dnr
+        l_x = x_regulariser(features[S.RETRIEVER_SCORES], x_fake, mask, dnr.x_reg)
         loss = (l_adv if dnr.use_adv else 0.0) + (dnr.weight_x * l_x if dnr.use_x_reg else 0.0)
         return loss, l_adv, l_x
 
@@ -317,7 +363,7 @@ class DNRModel(keras.Model):
                 logits, fake_logits = self._reranker_pair(features, x_fake, training=True)
                 l_direct, l_z = masked_bce(z, logits, mask), masked_bce(z, fake_logits, mask)
                 l_adv = -l_z
-                l_x = x_regulariser(features[S.RETRIEVER_SCORES], x_gen, mask)
+                l_x = x_regulariser(features[S.RETRIEVER_SCORES], x_gen, mask, dnr.x_reg)
             else:
                 l_direct, l_z, logits, mask, z = self._reranker_losses(features, labels, training=True)
             loss = l_direct + dnr.lambda_m * l_z if dnr.enabled else l_direct
@@ -416,6 +462,29 @@ class DNRModel(keras.Model):
             losses["mask"],
             applied,
         )
+
+    def warmup_step(self, features, labels, seed):
+        """One warm-up update of the generator alone; returns the criterion before the update.
+
+        Criterion: `quantile_gap` between the generator's x' and the heuristic sampler's x' drawn
+        for the same candidates (the same z), both from `seed` (the warm-up's own generator, not the
+        training noise). Only the generator's variables get gradients: the reranker is untouched.
+        Counted in `warmup_done`.
+        """
+        if self._warmup_fn is None:
+            self._warmup_fn = tf.function(self._warmup_update)
+        return self._warmup_fn(features, labels, seed)
+
+    def _warmup_update(self, features, labels, seed):
+        mask, z = targets(labels)
+        target = ops.stop_gradient(self.heuristic(z, seed))
+        variables = self.generator.trainable_variables
+        with tf.GradientTape() as tape:
+            gap = quantile_gap(self.generator(features, z, seed=seed, training=True), target, mask, z)
+        grads = dense_gradients(tape.gradient(gap, variables))
+        self.warmup_optimizer.apply(grads, variables)
+        self.warmup_done.assign_add(1)
+        return gap
 
     def test_step(self, data):
         features, labels, _ = keras.utils.unpack_x_y_sample_weight(data)

@@ -5,7 +5,10 @@
   reranker never sees a score outside it at serving time (and export rejects one).
 - `GeneratorSampler`: the model-based sampler, a 2-layer MLP conditioned on the request (pooled
   history and candidate embeddings of its own), the label z, and fresh Gaussian input (so it is a
-  sampler, not a function); it outputs eps in (0, 1). Training-only: never exported.
+  sampler, not a function). With `dnr.generator_eps: sigmoid` (the default) it outputs eps in
+  (0, 1) and x' follows eq. 4; with `logit` its output is an unbounded real mixed in logit space
+  (`logit_mix`), so that x' does not separate the labels by construction. Training-only: never
+  exported.
 """
 
 from __future__ import annotations
@@ -21,6 +24,27 @@ from dnr_tf.backbones.base import ItemEmbedding, masked_mean
 def mix(z, eps, lambda_c: float):
     """x' = (1 - lambda_c) z + lambda_c eps (eq. 4)."""
     return (1.0 - lambda_c) * z + lambda_c * eps
+
+
+def logit_target(z, lambda_c: float):
+    """m_z = (1 - lambda_c) z + lambda_c / 2: eq. 4's x' at eps = 1/2 (the mean of Beta(1/2, 1/2))."""
+    return (1.0 - lambda_c) * z + 0.5 * lambda_c
+
+
+def logit_mix(z, a, lambda_c: float):
+    """x' = sigmoid(logit(m_z) + lambda_c a), for a generator output a `[batch, list_size]` in R.
+
+    Eq. 4 in logit space: x' = sigmoid((1 - lambda_c) t(z) + lambda_c a) with the target
+    t(z) = logit(m_z) / (1 - lambda_c), m_z = `logit_target(z)`; at a = 0 it is eq. 4 with
+    eps = 1/2. Why the labels' ranges overlap: a is unbounded, so for either label x' takes every
+    value in (0, 1) (a = (logit(x') - logit(m_z)) / lambda_c gives it); a negative gets an x'
+    above a positive's as soon as lambda_c (a_0 - a_1) > logit(m_1) - logit(m_0)
+    = 2 logit(1 - lambda_c / 2), a finite margin (2.20 at lambda_c = 0.5). Under `sigmoid`, x'
+    of a positive is above (1 - lambda_c) and of a negative below lambda_c, whatever the generator
+    learns: for lambda_c <= 0.5 the labels never overlap.
+    """
+    m = logit_target(z, lambda_c)
+    return ops.sigmoid(ops.log(m) - ops.log(1.0 - m) + lambda_c * a)
 
 
 def draw_for_batch(draw, batch):
@@ -84,7 +108,7 @@ class HeuristicSampler:
 
 
 class GeneratorSampler(keras.layers.Layer):
-    """The model-based sampler eps_phi(u, i, z, noise) in (0, 1), personalised by the request.
+    """The model-based sampler eps_phi(u, i, z, noise), personalised by the request.
 
     Args:
         item_vocab: raw item ids (its own embedding table: the generator's updates never touch the
@@ -93,10 +117,20 @@ class GeneratorSampler(keras.layers.Layer):
         hidden_dim: width of the hidden layer of the 2-layer MLP.
         noise_dim: size of the fresh N(0, 1) input of every candidate.
         lambda_c: noise level in (0, 1).
+        eps_space: `sigmoid` (eps = sigmoid(a) in (0, 1), x' by eq. 4) or `logit` (x' =
+            `logit_mix(z, a, lambda_c)`), a the MLP's unbounded output.
     """
 
     def __init__(
-        self, item_vocab, embedding_dim: int, hidden_dim: int, noise_dim: int, lambda_c: float, seed: int = 0, **kwargs
+        self,
+        item_vocab,
+        embedding_dim: int,
+        hidden_dim: int,
+        noise_dim: int,
+        lambda_c: float,
+        seed: int = 0,
+        eps_space: str = "sigmoid",
+        **kwargs,
     ):
         super().__init__(**kwargs)
         self.items = ItemEmbedding(item_vocab, embedding_dim, seed=seed + 17)
@@ -104,9 +138,12 @@ class GeneratorSampler(keras.layers.Layer):
         self.out = keras.layers.Dense(1)
         self.noise_dim = noise_dim
         self.lambda_c = lambda_c
+        if eps_space not in ("sigmoid", "logit"):
+            raise ValueError(f"unknown dnr.generator_eps {eps_space!r}")
+        self.eps_space = eps_space
 
-    def epsilon(self, features, z, seed):
-        """`[batch, list_size]` eps in (0, 1)."""
+    def raw(self, features, z, seed):
+        """`[batch, list_size]` a, the MLP's unbounded output."""
         item_emb = self.items(features[S.ITEM_IDS])
         history = features[S.HISTORY]
         request = masked_mean(self.items(history), ops.not_equal(history, S.PADDING_ID))
@@ -114,12 +151,18 @@ class GeneratorSampler(keras.layers.Layer):
         request = ops.repeat(ops.expand_dims(request, 1), n, axis=1)
         noise = draw_for_batch(lambda rows: keras.random.normal((rows, n, self.noise_dim), seed=seed), ops.shape(z)[0])
         inputs = ops.concatenate([item_emb, request, ops.expand_dims(z, -1), noise], axis=-1)
-        return ops.squeeze(ops.sigmoid(self.out(self.hidden(inputs))), -1)
+        return ops.squeeze(self.out(self.hidden(inputs)), -1)
+
+    def epsilon(self, features, z, seed):
+        """`[batch, list_size]` eps = sigmoid(a) in (0, 1) (the `sigmoid` eps)."""
+        return ops.sigmoid(self.raw(features, z, seed))
 
     def build(self, input_shape=None):
         # Sub-layers build on the first call, from the dict of features.
         pass
 
     def call(self, features, z, seed):
-        """`[batch, list_size]` x' = (1 - lambda_c) z + lambda_c eps."""
+        """`[batch, list_size]` x': (1 - lambda_c) z + lambda_c eps (`sigmoid`) or `logit_mix` (`logit`)."""
+        if self.eps_space == "logit":
+            return logit_mix(z, self.raw(features, z, seed), self.lambda_c)
         return mix(z, self.epsilon(features, z, seed), self.lambda_c)

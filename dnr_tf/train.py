@@ -321,6 +321,11 @@ def train(
     check_schema(cfg, schema)
     check_splits(data_dir, schema)
     config_io.check_output_dir(model_dir, "--model_dir")
+    config_io.check(
+        not (distributed and cfg.dnr.generator_warmup_steps),
+        "dnr.generator_warmup_steps",
+        "is not supported with --strategy (the warm-up runs on one device); set it to 0",
+    )
     item_vocab = read_vocab(data_dir)
     check_resume(model_dir, data_dir, schema)
     os.makedirs(model_dir, exist_ok=True)
@@ -365,10 +370,21 @@ def train(
     monitor = f"val_{cfg.train.monitor}"
     timer = cb.EpochTimer()
     best = cb.BestWeights(model_dir, monitor)
+    # A model-based phase gets `patience` epochs after the switch before an early stop may end it.
+    switches = model.generator is not None and cfg.dnr.lambda_e < epochs
+    early = cb.EarlyStop(backup_dir, monitor, cfg.train.patience, (cfg.dnr.lambda_e + cfg.train.patience) * switches)
+    warmup = None
+    if model.warmup_done is not None:
+        warmup_batches = datasets(data_dir, cfg, schema, epochs_from=cfg.dnr.lambda_e, epochs=1)[0]
+        warmup = cb.GeneratorWarmup(
+            warmup_batches, cfg.dnr.generator_warmup_steps, cfg.dnr.lambda_e, seed=cfg.train.seed + 2000
+        )
     callbacks = [
         SamplerSchedule(cfg.dnr.lambda_e if cfg.dnr.model_based else 10**9),
+        *([warmup] if warmup else []),
         cb.NonFiniteGuard(cfg.train.on_nonfinite),
         cb.RngStateBackup(backup_dir),  # before BackupAndRestore: see its docstring
+        early,  # before BackupAndRestore: see its docstring
         keras.callbacks.BackupAndRestore(backup_dir, save_freq="epoch", double_checkpoint=True),
         best,
         timer,
@@ -381,7 +397,7 @@ def train(
     history = model.fit(
         train_ds,
         validation_data=valid_ds,
-        epochs=cfg.train.epochs,
+        epochs=early.epochs_to_run(cfg.train.epochs),
         callbacks=callbacks,
         verbose=verbose,
         steps_per_epoch=steps_per_epoch,
@@ -392,6 +408,7 @@ def train(
     steps = {
         "reranker": int(model.optimizer.iterations.numpy()),
         "generator": int(model.generator_optimizer.iterations.numpy()) if model.generator_optimizer else 0,
+        "generator_warmup": int(model.warmup_done.numpy()) if warmup else 0,
     }
     skipped = int(model.skipped_steps.numpy())
     nonfinite = dict(zip(NONFINITE_TERMS, (int(v) for v in model.nonfinite_counts.numpy())))
@@ -402,6 +419,10 @@ def train(
         "name": cfg.name,
         "k": cfg.train.k,
         "best_epoch": best.best_epoch,
+        "epochs_run": early.epochs_run,
+        "max_epochs": cfg.train.epochs,
+        "stopped_early": early.stopped_early,
+        "patience": cfg.train.patience,
         "monitor": monitor,
         "valid": valid,
         "test": test,
@@ -409,6 +430,7 @@ def train(
         "train_seconds": wall,
         "steps": steps,
         "calibration": calibration,
+        "generator_warmup": warmup.summary() if warmup else None,
         "skipped_steps": skipped,
         "nonfinite_counts": nonfinite,
         "strategy": {"name": strategy, "replicas": int(dist.num_replicas_in_sync), "chief": chief},

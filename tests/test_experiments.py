@@ -52,6 +52,7 @@ def test_tiny_plan_runs_resumes_and_reports(synthetic_data, tmp_path):
     assert sorted(r["run"] for r in results["runs"]) == ["prm_concat__synthetic__s0", "w_c__synthetic__s0"]
     for r in results["runs"]:
         assert r["best_epoch"] == 1 and 0 < r["test"]["ndcg@6"] <= 1
+        assert (r["epochs_run"], r["max_epochs"], r["stopped_early"]) == (1, 1, False)
         assert set(r["robustness"]) == {"clean", "shuffle", "gauss_0.1"}
         assert len(r["per_list_test_ndcg"]) == results["baselines"]["synthetic"]["lists"]
         assert r["config"]["train"]["seed"] == 0 and r["wall_seconds"] > 0
