@@ -94,7 +94,8 @@ def test_item2item_beats_mf_on_drifting_taste(tmp_path):
     cfg = RetrieverConfig(dim=16, epochs=6, batch_size=256)
     ret, tables, _ = mf.train_mf(pattern, {}, users, items, cfg, seed=0, progress=lambda line: None)
     rows = {int(u): (tables["user_emb"][j], float(tables["user_bias"][j])) for j, u in enumerate(tables["user_ids"])}
-    pairs = np.stack([np.searchsorted(users, [u for u, _ in window]), np.searchsorted(items, [i for _, i in window])], 1)
+    rows_of = [np.searchsorted(users, [u for u, _ in window]), np.searchsorted(items, [i for _, i in window])]
+    pairs = np.stack(rows_of, 1)
     i2i, _ = item2item.train_item2item(pairs, items, RetrieverConfig(kind="item2item"))
     ladder = _ladder(
         timelines,
@@ -129,7 +130,7 @@ def test_item2item_never_sees_interactions_at_or_after_the_request():
     ret, _ = item2item.train_item2item(np.array(window), items, RetrieverConfig(kind="item2item"))
     # The neighbour table links only items that share a user inside the window.
     together = {}
-    for j, u in enumerate(users):
+    for u in users:
         for i in timelines[u][:30]:
             together.setdefault(i, set()).update(timelines[u][:30])
     for row, item in enumerate(items):
@@ -151,7 +152,7 @@ def test_item2item_never_sees_interactions_at_or_after_the_request():
         return {r[S.REQUEST_ID]: r for r in recs}
 
     a, b = lists(past), lists(other)
-    for rid in ("%d:%d" % (user, r) for r in (30, 36, 42)):
+    for rid in (f"{user}:{r}" for r in (30, 36, 42)):
         assert a[rid][S.ITEM_IDS] == b[rid][S.ITEM_IDS]
         assert a[rid][S.RETRIEVER_SCORES] == b[rid][S.RETRIEVER_SCORES]
 
