@@ -84,7 +84,9 @@ def evaluate_perturbed(model, dataset, kinds, k: int = 6, seed: int = 0) -> dict
             mask = labels.numpy() >= 0
             views = {name: features[name].numpy() for name in SCORE_FEATURES if name in features}
             x = scores_for(views, mask, kind, rng)
-            logits = model({**features, S.RETRIEVER_SCORES: x}, training=False)
+            # The model sees x under `kind` in the one feature it reads, never the retrained feature itself.
+            model_features = {k: v for k, v in features.items() if k != S.RETRIEVER_SCORES_RETRAINED}
+            logits = model({**model_features, S.RETRIEVER_SCORES: x}, training=False)
             ranking.update_state(labels, logits, mask)
             if kind == "clean":
                 values, valid = per_list_metrics(labels, logits, mask, k)["ndcg"]
