@@ -204,5 +204,10 @@ class PipelineConfig:
             check(self.source != "logged", "retrained.enabled", "logged lists carry their own scores")
             check(self.protocol == "cascade", "retrained.enabled", "needs protocol cascade")
             check(self.retrained.seed != self.seed, "retrained.seed", f"must differ from seed ({self.seed})")
+            check(
+                self.retriever.kind != "item2item" or self.retrained.keep_fraction < 1.0,
+                "retrained.keep_fraction",
+                "must be below 1 for item2item (it has no seed: on the same pairs it would copy the main retriever)",
+            )
         if self.source in ("movielens", "csv", "logged"):
             check(bool(self.input), "input", f"is required for source {self.source}")

@@ -5,6 +5,7 @@ wrote as `window_shards` gzip TSV files. The window is streamed from those files
 `shuffle_buffer` pairs, each shuffled whole: the driver holds one block and the embedding tables,
 never more of the window (a window smaller than a block is read once and kept). The tables it
 saves under `<output_dir>/retriever/` are the side input of candidate generation.
+`train_and_save` dispatches on `retriever.kind`: MF here, `item2item` in pipeline/item2item.py.
 """
 
 from __future__ import annotations

@@ -186,6 +186,10 @@ def test_config_refuses_bad_retriever_settings():
         config_io.from_dict(PipelineConfig, {"protocol": "paper", "retriever": {"kind": "item2item"}})
     with pytest.raises(config_io.ConfigError, match="retrained.seed"):
         config_io.from_dict(PipelineConfig, {"retrained": {"enabled": True, "seed": 0}})
+    with pytest.raises(config_io.ConfigError, match="retrained.keep_fraction"):
+        config_io.from_dict(
+            PipelineConfig, {"retriever": {"kind": "item2item"}, "retrained": {"enabled": True, "keep_fraction": 1.0}}
+        )
     with pytest.raises(config_io.ConfigError, match="retrained.enabled"):
         config_io.from_dict(PipelineConfig, {"source": "logged", "input": "x", "retrained": {"enabled": True}})
 
@@ -359,7 +363,7 @@ def test_simulator_retrained_view_adds_a_feature_and_changes_nothing_else():
 
 
 def test_a_trained_model_is_evaluated_with_the_retrained_scores(tmp_path):
-    """End to end: simulator data with the retrained view -> a tiny DNR-B run -> the `retrained` kind."""
+    """End to end: simulator data with the retrained view -> a tiny PRM run (one epoch) -> the `retrained` kind."""
     from dnr_tf.config import ExperimentConfig
     from dnr_tf.export import load_trained
     from dnr_tf.robustness import evaluate_perturbed
@@ -371,7 +375,9 @@ def test_a_trained_model_is_evaluated_with_the_retrained_scores(tmp_path):
         ["--config", os.fspath(ROOT / "configs/pipeline/synthetic.yaml"), "--output_dir", os.fspath(data),
          "--set", "synthetic.num_users=60", "--set", "retrained.enabled=true"]
     )  # fmt: skip
-    cfg = config_io.from_dict(ExperimentConfig, config_io.load_yaml(os.fspath(ROOT / "configs/smoke.yaml")))
+    smoke = config_io.load_yaml(os.fspath(ROOT / "configs/smoke.yaml"))
+    smoke = config_io.apply_overrides(smoke, ["dnr.enabled=false", "train.epochs=1"])
+    cfg = config_io.from_dict(ExperimentConfig, smoke)
     train(cfg, os.fspath(data), os.fspath(tmp_path / "run"), verbose=0)
     model, _, schema = load_trained(os.fspath(tmp_path / "run"))
     assert schema.has_retrained
