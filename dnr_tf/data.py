@@ -56,7 +56,8 @@ def make_dataset(
         A dataset of dicts: `item_ids` int64 `[batch, list_size]`, `retriever_scores` float32
         `[batch, list_size]`, `labels` int64 `[batch, list_size]` (-1 on padding), `history` int64
         `[batch, history_len]`, `user_id`, `timestamp` int64 `[batch]`, `request_id` string
-        `[batch]`, and `oracle_scores` where the data has them.
+        `[batch]`, and `oracle_scores` and `retriever_scores_retrained` (float32 `[batch, list_size]`,
+        padding 0.0) where the data has them (`schema.json`'s `has_oracle`, `has_retrained`).
 
     Raises:
         FileNotFoundError: when the pattern matches no file.

@@ -13,6 +13,7 @@ One `tf.train.Example` per request. Both `pipeline/` (which writes records) and
 | `labels`           | int64  | [list_size]      | -1      | feedback z in {0, 1}                      |
 | `history`          | int64  | [history_len]    | 0       | consumed items, oldest first, left-padded |
 | `oracle_scores`    | float  | [list_size]      | 0.0     | true p(z=1) (synthetic source only)       |
+| `retriever_scores_retrained` | float | [list_size] | 0.0 | optional: a retrained retriever's x, same items |
 
 Item and user ids are raw positive integers; 0 is reserved for padding. The model maps raw ids
 to embedding rows itself (with an out-of-vocabulary row), so a served model takes the same ids
@@ -36,6 +37,7 @@ RETRIEVER_SCORES = "retriever_scores"
 LABELS = "labels"
 HISTORY = "history"
 ORACLE_SCORES = "oracle_scores"
+RETRIEVER_SCORES_RETRAINED = "retriever_scores_retrained"
 
 PADDING_ID = 0
 PADDING_SCORE = 0.0
@@ -57,6 +59,7 @@ class RecordSchema:
         has_oracle: whether records carry `oracle_scores` (synthetic data only).
         num_items: distinct items in the data set (informative; the model reads the vocabulary).
         num_users: distinct users in the data set.
+        has_retrained: whether records carry `retriever_scores_retrained` (pipeline `retrained.enabled`).
     """
 
     list_size: int = DEFAULT_LIST_SIZE
@@ -64,6 +67,7 @@ class RecordSchema:
     has_oracle: bool = False
     num_items: int = 0
     num_users: int = 0
+    has_retrained: bool = False
 
     def feature_spec(self) -> dict:
         """The `tf.io.parse_example` spec of a record."""
@@ -80,6 +84,8 @@ class RecordSchema:
         }
         if self.has_oracle:
             spec[ORACLE_SCORES] = tf.io.FixedLenFeature([self.list_size], tf.float32)
+        if self.has_retrained:
+            spec[RETRIEVER_SCORES_RETRAINED] = tf.io.FixedLenFeature([self.list_size], tf.float32)
         return spec
 
     def to_json(self) -> dict:
@@ -104,11 +110,19 @@ class RecordSchema:
                 "shape": [self.list_size],
                 "padding": PADDING_SCORE,
             }
+        if self.has_retrained:
+            features[RETRIEVER_SCORES_RETRAINED] = {
+                "dtype": "float32",
+                "shape": [self.list_size],
+                "padding": PADDING_SCORE,
+                "range": [0.0, 1.0],
+            }
         return {
             "schema_version": SCHEMA_VERSION,
             "list_size": self.list_size,
             "history_len": self.history_len,
             "has_oracle": self.has_oracle,
+            "has_retrained": self.has_retrained,
             "num_items": self.num_items,
             "num_users": self.num_users,
             "features": features,
@@ -122,6 +136,7 @@ class RecordSchema:
             has_oracle=bool(obj.get("has_oracle", False)),
             num_items=int(obj.get("num_items", 0)),
             num_users=int(obj.get("num_users", 0)),
+            has_retrained=bool(obj.get("has_retrained", False)),
         )
 
 
@@ -187,6 +202,8 @@ def to_example(record: Mapping, schema: RecordSchema) -> bytes:
     }
     if schema.has_oracle:
         features[ORACLE_SCORES] = floats(pad(record[ORACLE_SCORES], n, PADDING_SCORE))
+    if schema.has_retrained:
+        features[RETRIEVER_SCORES_RETRAINED] = floats(pad(record[RETRIEVER_SCORES_RETRAINED], n, PADDING_SCORE))
     return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString()
 
 

@@ -111,11 +111,19 @@ def datasets(
     import tensorflow as tf
 
     from dnr_tf import data as data_lib
+    from dnr_tf.schema import RETRIEVER_SCORES_RETRAINED
 
     sizes = split_sizes(data_dir)
 
     def to_pairs(batch):
         return {k: batch[k] for k in FEATURES}, batch["labels"]
+
+    def to_test_pairs(batch):
+        # The retrained retriever's x, where the data has it, rides along for the `retrained` robustness kind.
+        features, labels = to_pairs(batch)
+        if RETRIEVER_SCORES_RETRAINED in batch:
+            features[RETRIEVER_SCORES_RETRAINED] = batch[RETRIEVER_SCORES_RETRAINED]
+        return features, labels
 
     out = []
     for split in data_lib.SPLITS:
@@ -131,7 +139,7 @@ def datasets(
             cache=True,
             epochs_from=epochs_from if train else None,
             epochs=epochs,
-        ).map(to_pairs)
+        ).map(to_test_pairs if split == "test" else to_pairs)
         if split in sizes and not (train and epochs_from is not None):
             # Known length: Keras shows real progress bars and does not warn at the end of epoch 1.
             ds = ds.apply(tf.data.experimental.assert_cardinality(math.ceil(sizes[split] / batch)))

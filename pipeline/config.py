@@ -8,13 +8,17 @@ from typing import Literal
 from dnr_tf.config_io import check
 
 SOURCES = ("movielens", "csv", "tfds", "synthetic", "logged")
+RETRIEVER_KINDS = ("mf", "item2item")
 
 
 @dataclasses.dataclass(frozen=True)
 class RetrieverConfig:
-    """Matrix factorisation retriever (paper appendix D.1), trained on the retriever window.
+    """The retriever, trained on the retriever window.
 
     Attributes:
+        kind: `mf`, matrix factorisation with random negatives (paper appendix D.1; the weak x),
+            or `item2item`, item-to-item similarities of the window scored against the user's
+            history before each request (pipeline/item2item.py; the strong x).
         dim: embedding size.
         epochs: passes over the retriever window.
         batch_size: positive pairs per step.
@@ -27,8 +31,13 @@ class RetrieverConfig:
         shuffle_buffer: pairs in a shuffle block while the retriever streams its window (16 bytes
             a pair): the driver holds one block, never the whole window; a window that fits in
             one block is shuffled whole every epoch.
+        i2i_neighbors: `item2item`: most similar items kept per item.
+        i2i_shrink: `item2item`: shrinkage of the cosine, c_ij / (sqrt(n_i n_j) + shrink).
+        i2i_history: `item2item`: most recent history items that score a request.
+        i2i_decay: `item2item`: weight of each older history item relative to the next one.
     """
 
+    kind: Literal["mf", "item2item"] = "mf"
     dim: int = 32
     epochs: int = 15
     batch_size: int = 1024
@@ -38,8 +47,17 @@ class RetrieverConfig:
     holdout_fraction: float = 0.1
     window_shards: int = 16
     shuffle_buffer: int = 200_000
+    i2i_neighbors: int = 100
+    i2i_shrink: float = 10.0
+    i2i_history: int = 20
+    i2i_decay: float = 0.5
 
     def validate(self) -> None:
+        check(self.kind in RETRIEVER_KINDS, "retriever.kind", f"must be one of {', '.join(RETRIEVER_KINDS)}")
+        check(self.i2i_neighbors >= 1, "retriever.i2i_neighbors", "must be >= 1")
+        check(self.i2i_shrink >= 0, "retriever.i2i_shrink", "must be >= 0")
+        check(self.i2i_history >= 1, "retriever.i2i_history", "must be >= 1")
+        check(0.0 < self.i2i_decay <= 1.0, "retriever.i2i_decay", "must be in (0, 1]")
         check(self.dim > 0, "retriever.dim", "must be positive")
         check(self.batch_size >= 1, "retriever.batch_size", "must be >= 1")
         check(self.learning_rate > 0, "retriever.learning_rate", "must be positive")
@@ -49,6 +67,32 @@ class RetrieverConfig:
         check(self.epochs > 0, "retriever.epochs", "must be positive")
         check(self.negatives > 0, "retriever.negatives", "must be positive")
         check(0.0 < self.holdout_fraction < 0.5, "retriever.holdout_fraction", "must be in (0, 0.5)")
+
+
+@dataclasses.dataclass(frozen=True)
+class RetrainedConfig:
+    """A second, retrained retriever: production drift on the same candidate lists.
+
+    The retriever of `retriever.kind` is trained again, with seed `seed`, on the `keep_fraction`
+    share of the retriever window's training pairs chosen by a stable hash of (seed, user, item)
+    (the window and nothing later, so it stays leak-free). It scores the main retriever's
+    candidates of every list, written as `retriever_scores_retrained`; the candidates and their
+    order are the main retriever's. On the simulator it is a second noisy view of the true factors,
+    drawn with `seed`.
+
+    Attributes:
+        enabled: write `retriever_scores_retrained`.
+        seed: seed of the second retriever (initialisation, sampling, the kept share, the
+            simulator's noise); must differ from the pipeline's `seed`.
+        keep_fraction: share of the window's training pairs the second retriever trains on.
+    """
+
+    enabled: bool = False
+    seed: int = 1
+    keep_fraction: float = 0.9
+
+    def validate(self) -> None:
+        check(0.0 < self.keep_fraction <= 1.0, "retrained.keep_fraction", "must be in (0, 1]")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +108,11 @@ class SyntheticConfig:
         popularity: std of the item popularity bias (logit scale).
         base_logit: global offset of the true logit (sets the positive rate).
         taste_scale: scale of the user-item affinity (how much personal taste matters).
+        sharpness: multiplies the whole true logit (and the retriever's, on the same scale):
+            p = sigmoid(sharpness * (base_logit + taste_scale <U_u, V_i> + b_i)). Above 1 the labels
+            become nearly deterministic functions of the logit, which lifts the ceiling that
+            Bernoulli labels put on the within-list AUC of x; with `retriever_noise` it sweeps
+            that AUC (configs/pipeline/synthetic_auc*.yaml). 1.0 is the original simulator.
     """
 
     num_users: int = 600
@@ -74,8 +123,10 @@ class SyntheticConfig:
     popularity: float = 0.5
     base_logit: float = -4.0
     taste_scale: float = 1.5
+    sharpness: float = 1.0
 
     def validate(self) -> None:
+        check(self.sharpness > 0, "synthetic.sharpness", "must be positive")
         check(self.num_users > 0, "synthetic.num_users", "must be positive")
         check(self.num_items > 0, "synthetic.num_items", "must be positive")
         check(self.dim >= 1, "synthetic.dim", "must be >= 1")
@@ -109,7 +160,8 @@ class PipelineConfig:
         max_reject_share: the run fails, writing no TFRecords, when more than this share of the input
             records is rejected (every one is still listed in `rejects-*.jsonl`): a data set built
             from what is left would be skewed. 1.0 accepts any share.
-        retriever: the MF retriever.
+        retriever: the retriever (`retriever.kind`: mf or item2item).
+        retrained: the second, retrained retriever (`retriever_scores_retrained`).
         synthetic: the simulator.
     """
 
@@ -131,6 +183,7 @@ class PipelineConfig:
     output_shards: int = 1
     max_reject_share: float = 0.01
     retriever: RetrieverConfig = RetrieverConfig()
+    retrained: RetrainedConfig = RetrainedConfig()
     synthetic: SyntheticConfig = SyntheticConfig()
 
     def validate(self) -> None:
@@ -151,5 +204,19 @@ class PipelineConfig:
         check(0.0 < self.paper_retriever_fraction < 1.0, "paper_retriever_fraction", "must be in (0, 1)")
         check(self.output_shards >= 0, "output_shards", "must be >= 0")
         check(0.0 <= self.max_reject_share <= 1.0, "max_reject_share", "must be in [0, 1]")
+        check(
+            self.retriever.kind == "mf" or self.protocol == "cascade",
+            "retriever.kind",
+            f"{self.retriever.kind} needs protocol cascade (the paper protocol scores with MF only)",
+        )
+        if self.retrained.enabled:
+            check(self.source != "logged", "retrained.enabled", "logged lists carry their own scores")
+            check(self.protocol == "cascade", "retrained.enabled", "needs protocol cascade")
+            check(self.retrained.seed != self.seed, "retrained.seed", f"must differ from seed ({self.seed})")
+            check(
+                self.retriever.kind != "item2item" or self.retrained.keep_fraction < 1.0,
+                "retrained.keep_fraction",
+                "must be below 1 for item2item (it has no seed: on the same pairs it would copy the main retriever)",
+            )
         if self.source in ("movielens", "csv", "logged"):
             check(bool(self.input), "input", f"is required for source {self.source}")

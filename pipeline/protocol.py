@@ -88,6 +88,34 @@ class Retriever:
         return self.item_ids[best_idx[order]], sigmoid(best_logit[order]).astype(np.float32)
 
 
+@dataclasses.dataclass(frozen=True)
+class MFScorer:
+    """One user's view of an MF retriever, behind the scorer interface of `cascade_lists`.
+
+    A scorer has `top_k(history, exclude, k)` -> (raw ids, x) and `scores(history, ids)` -> x,
+    `history` being the user's raw item ids before the request, oldest first. MF ignores it (its
+    user vector is fixed at the end of the window); `pipeline.item2item.ItemToItem` uses it.
+    """
+
+    retriever: Retriever
+    user_vec: np.ndarray
+    user_bias: float
+
+    def top_k(self, history, exclude: set[int], k: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.retriever.top_k(self.user_vec, self.user_bias, exclude, k)
+
+    def scores(self, history, ids) -> np.ndarray:
+        """x = sigmoid(MF logit) of the raw ids `ids` `[n]` (an id outside the table scores 0)."""
+        ret = self.retriever
+        ids = np.asarray(ids, np.int64)
+        sorter = np.argsort(ret.item_ids)
+        pos = np.minimum(np.searchsorted(ret.item_ids, ids, sorter=sorter), len(ret.item_ids) - 1)
+        idx = sorter[pos]
+        known = ret.item_ids[idx] == ids
+        logits = ret.item_emb[idx] @ self.user_vec + ret.item_bias[idx] + self.user_bias + ret.global_bias
+        return np.where(known, sigmoid(logits.astype(np.float64)), 0.0).astype(np.float32)
+
+
 def sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))
 
@@ -134,6 +162,8 @@ def cascade_lists(
     history_len: int,
     list_size: int,
     horizon: int,
+    scorer=None,
+    retrained=None,
 ) -> tuple[list[ListRecord], dict[str, int]]:
     """The cascade protocol for one user (PROTOCOL.md, steps 4-8).
 
@@ -142,6 +172,9 @@ def cascade_lists(
     consumed before the request, in the retriever's order; positives are those consumed within
     the next `horizon` interactions, the window truncated where the user's next split begins.
 
+    The retriever is `scorer` (see `MFScorer`), by default MF from `retriever`, `user_vec` and
+    `user_bias`. A `retrained` scorer scores the same candidates as `retriever_scores_retrained`.
+
     Returns:
         (records with their `split`, counters: requests, dropped_no_positive, dropped_truncated).
     """
@@ -149,19 +182,23 @@ def cascade_lists(
     n = len(items)
     start = retriever_window_size(n, retriever_fraction)
     counts = {"requests": 0, "dropped_no_positive": 0, "dropped_truncated": 0}
-    candidates = []
+    if scorer is None:
+        scorer = MFScorer(retriever, user_vec, user_bias)
+    candidates, extra = [], {}
     for r in range(start, n - horizon + 1, stride):
         counts["requests"] += 1
-        ids, scores = retriever.top_k(user_vec, user_bias, set(items[:r]), list_size)
+        ids, scores = scorer.top_k(items[:r], set(items[:r]), list_size)
         positives_any = set(items[r : r + horizon]) & set(ids.tolist())
         if not positives_any:
             counts["dropped_no_positive"] += 1
             continue
         candidates.append((r, ids, scores))
-    return _split_and_label(user, timeline, candidates, horizon, history_len, counts)
+        if retrained is not None:
+            extra[r] = {S.RETRIEVER_SCORES_RETRAINED: [float(v) for v in retrained.scores(items[:r], ids)]}
+    return _split_and_label(user, timeline, candidates, horizon, history_len, counts, extra)
 
 
-def _split_and_label(user, timeline, candidates, horizon, history_len, counts):
+def _split_and_label(user, timeline, candidates, horizon, history_len, counts, extra=None):
     """Assigns splits (last kept list -> test, the one before -> valid) and truncates labels."""
     items = [r.item for r in timeline]
     n = len(candidates)
@@ -187,11 +224,11 @@ def _split_and_label(user, timeline, candidates, horizon, history_len, counts):
         if not any(labels):
             counts["dropped_truncated"] += 1
             continue
-        records.append(_record(user, timeline, r, ids, scores, labels, split, history_len))
+        records.append(_record(user, timeline, r, ids, scores, labels, split, history_len, (extra or {}).get(r)))
     return records, counts
 
 
-def _record(user, timeline, r, ids, scores, labels, split, history_len) -> ListRecord:
+def _record(user, timeline, r, ids, scores, labels, split, history_len, extra=None) -> ListRecord:
     ts = timeline[r].timestamp if r < len(timeline) else timeline[-1].timestamp
     return ListRecord(
         {
@@ -202,6 +239,7 @@ def _record(user, timeline, r, ids, scores, labels, split, history_len) -> ListR
             S.RETRIEVER_SCORES: [float(s) for s in scores],
             S.LABELS: labels,
             S.HISTORY: [t.item for t in timeline[max(0, r - history_len) : r]],
+            **(extra or {}),
             "split": split,
         }
     )

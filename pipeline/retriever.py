@@ -5,6 +5,7 @@ wrote as `window_shards` gzip TSV files. The window is streamed from those files
 `shuffle_buffer` pairs, each shuffled whole: the driver holds one block and the embedding tables,
 never more of the window (a window smaller than a block is read once and kept). The tables it
 saves under `<output_dir>/retriever/` are the side input of candidate generation.
+`train_and_save` dispatches on `retriever.kind`: MF here, `item2item` in pipeline/item2item.py.
 """
 
 from __future__ import annotations
@@ -41,20 +42,40 @@ def read_pairs(path: str, users: np.ndarray, items: np.ndarray) -> np.ndarray:
     return np.stack([np.searchsorted(users, raw[:, 0]), np.searchsorted(items, raw[:, 1])], axis=1)
 
 
-def pair_blocks(pattern: str, users: np.ndarray, items: np.ndarray, block: int):
+def kept_share(pairs: np.ndarray, seed: int, fraction: float) -> np.ndarray:
+    """The `[n, 2]` pairs a stable hash of (seed, user row, item row) keeps, about `fraction` of them.
+
+    The retrained retriever's share of the window (`retrained.keep_fraction`): the same pairs on
+    every runner and in every block order (splitmix64 of the three numbers).
+    """
+    if fraction >= 1.0:
+        return pairs
+    with np.errstate(over="ignore"):
+        z = pairs[:, 0].astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+        z ^= pairs[:, 1].astype(np.uint64) * np.uint64(0xC2B2AE3D27D4EB4F) + np.uint64(seed & 0xFFFFFFFF)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z ^= z >> np.uint64(31)
+    return pairs[(z >> np.uint64(11)).astype(np.float64) / 2.0**53 < fraction]
+
+
+def pair_blocks(pattern: str, users: np.ndarray, items: np.ndarray, block: int, keep: tuple[int, float] | None = None):
     """Yields the pairs of the files matching `pattern` in blocks of about `block` pairs, each sorted.
 
     The files are read in name order and a block is emitted once it holds `block` pairs (plus at
     most one file: stage 1 writes `window_shards` files, so one is a small share of the window).
     Sorting makes a block independent of the order in which Beam workers wrote the lines, so the
     same seed gives the same retriever on every runner and worker count. A window that fits in
-    one block comes as a single block: the retriever then shuffles it whole.
+    one block comes as a single block: the retriever then shuffles it whole. `keep` = (seed,
+    fraction) keeps only the share of pairs that `kept_share` chooses.
     """
     import tensorflow as tf
 
     pending, held = [], 0
     for path in sorted(tf.io.gfile.glob(pattern)):
         pairs = read_pairs(path, users, items)
+        if keep is not None:
+            pairs = kept_share(pairs, *keep)
         pending.append(pairs)
         held += len(pairs)
         if held >= block:
@@ -95,6 +116,7 @@ def train_mf(
     cfg: RetrieverConfig,
     seed: int,
     progress=print,
+    keep: tuple[int, float] | None = None,
 ) -> tuple[Retriever, dict, dict]:
     """Trains MF on (user, item) pairs; returns the retriever, the user tables, and its metrics.
 
@@ -106,6 +128,7 @@ def train_mf(
         cfg: hyperparameters.
         seed: seed of initialisation, shuffling and negative sampling.
         progress: called with one line per epoch.
+        keep: (seed, fraction): train on the share of the pairs that `kept_share` keeps.
 
     Returns:
         (retriever, {"user_ids", "user_emb", "user_bias"}, metrics dict with `auc_<name>`).
@@ -159,7 +182,7 @@ def train_mf(
         if cached is not None:
             yield from cached
             return
-        for k, pairs in enumerate(pair_blocks(train_pattern, users, items, cfg.shuffle_buffer)):
+        for k, pairs in enumerate(pair_blocks(train_pattern, users, items, cfg.shuffle_buffer, keep)):
             # A block is closed once it is full, so only a short first block is the whole window.
             if k == 0 and len(pairs) < cfg.shuffle_buffer:
                 cached = [pairs]
@@ -192,6 +215,51 @@ def train_mf(
         "user_bias": user_bias.embeddings.numpy()[:, 0].astype(np.float32),
     }
     return retriever, user_tables, {**metrics, "num_users": num_users, "num_items": num_items}
+
+
+def train_and_save(
+    cfg: RetrieverConfig,
+    train_pattern: str,
+    eval_patterns: dict[str, str],
+    users: np.ndarray,
+    items: np.ndarray,
+    seed: int,
+    directory: str,
+    keep: tuple[int, float] | None = None,
+) -> dict:
+    """Trains the retriever of `cfg.kind` on the window and saves it under `directory`; returns its metrics.
+
+    `mf` writes `mf.npz`, the user rows and `metrics.json` (`save`); `item2item` writes
+    `item2item.npz` and `metrics.json` (it has no user table: it scores the user's history).
+    """
+    if cfg.kind == "mf":
+        retriever, user_tables, metrics = train_mf(train_pattern, eval_patterns, users, items, cfg, seed, keep=keep)
+        save(retriever, user_tables, metrics, directory)
+        return metrics
+    import tensorflow as tf
+
+    from pipeline import item2item
+
+    def whole(pattern, k=None):
+        blocks = list(pair_blocks(pattern, users, items, 1 << 62, k))
+        return blocks[0] if blocks else np.zeros((0, 2), np.int64)
+
+    evals = {name: whole(pattern) for name, pattern in eval_patterns.items()}
+    retriever, metrics = item2item.train_item2item(whole(train_pattern, keep), items, cfg, evals, seed)
+    metrics["num_users"] = len(users)
+    item2item.save(retriever, directory)
+    with tf.io.gfile.GFile(os.path.join(directory, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=2)
+    return metrics
+
+
+def load_kind(kind: str, directory: str):
+    """The side input of candidate generation: MF's item table (`Retriever`) or an `ItemToItem`."""
+    if kind == "mf":
+        return load(directory)
+    from pipeline import item2item
+
+    return item2item.load(directory)
 
 
 def _auc(pattern, users, items, logits, seed, block: int) -> float:

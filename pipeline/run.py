@@ -181,10 +181,11 @@ def _lists_reader(cfg: PipelineConfig):
     from pipeline.sources.synthetic import World, simulate_user
 
     synthetic, seed, list_size = cfg.synthetic, cfg.seed, cfg.list_size
+    retrained_seed = cfg.retrained.seed if cfg.retrained.enabled else None
 
     class Simulate(beam.DoFn):
         def setup(self):
-            self._world = World(synthetic, seed)
+            self._world = World(synthetic, seed, retrained_seed)
 
         def process(self, user):
             for rec in simulate_user(self._world, user, list_size):
@@ -234,7 +235,10 @@ def run_config(cfg: PipelineConfig, output_dir: str, beam_args: list[str] | None
     reader = _interaction_reader(cfg) if interactions else _lists_reader(cfg)
     _clean_outputs(output_dir)
     has_oracle = cfg.source == "synthetic"
-    schema = S.RecordSchema(list_size=cfg.list_size, history_len=cfg.history_len, has_oracle=has_oracle)
+    has_retrained = cfg.retrained.enabled
+    schema = S.RecordSchema(
+        list_size=cfg.list_size, history_len=cfg.history_len, has_oracle=has_oracle, has_retrained=has_retrained
+    )
     timings = {}
     print(f"[pipeline] source={cfg.source} protocol={cfg.protocol} -> {output_dir}", flush=True)
     stats: dict = {"config": config_io.to_dict(cfg)}
@@ -260,31 +264,40 @@ def run_config(cfg: PipelineConfig, output_dir: str, beam_args: list[str] | None
             )
         users = sorted(int(x) for x in _read_lines(stages.work_path(output_dir, "users-*")))
         items = sorted(int(x) for x in _read_lines(stages.work_path(output_dir, "items-*")))
+        kind = cfg.retriever.kind
         print(
-            f"[pipeline] training the MF retriever on {stats['retriever']['window_train_interactions']} "
+            f"[pipeline] training the {kind} retriever on {stats['retriever']['window_train_interactions']} "
             f"interactions ({len(users)} users, {len(items)} items)",
             flush=True,
         )
         t0 = time.time()
-        retriever, user_tables, metrics = mf.train_mf(
-            stages.work_path(output_dir, "window-train-*"),
-            {name: stages.work_path(output_dir, f"window-{name}-*") for name in ("heldout", "future")},
-            users,
-            items,
-            cfg.retriever,
-            cfg.seed,
-        )
-        timings["retriever_seconds"] = time.time() - t0
+        window = stages.work_path(output_dir, "window-train-*")
+        evals = {name: stages.work_path(output_dir, f"window-{name}-*") for name in ("heldout", "future")}
         retriever_dir = os.path.join(output_dir, "retriever")
-        mf.save(retriever, user_tables, metrics, retriever_dir)
-        stats["retriever"].update(auc_heldout=metrics["auc_heldout"], auc_future=metrics["auc_future"])
+        metrics = mf.train_and_save(cfg.retriever, window, evals, users, items, cfg.seed, retriever_dir)
+        timings["retriever_seconds"] = time.time() - t0
+        stats["retriever"].update(kind=kind, auc_heldout=metrics["auc_heldout"], auc_future=metrics["auc_future"])
         print(
             f"[pipeline] retriever AUC: {metrics['auc_heldout']:.4f} on held-out window pairs, "
             f"{metrics['auc_future']:.4f} on the request period",
             flush=True,
         )
+        retrained_dir = None
+        if cfg.retrained.enabled:
+            t0 = time.time()
+            retrained_dir = os.path.join(output_dir, "retriever", "retrained")
+            keep = (cfg.retrained.seed, cfg.retrained.keep_fraction)
+            seed = cfg.retrained.seed
+            again = mf.train_and_save(cfg.retriever, window, evals, users, items, seed, retrained_dir, keep)
+            timings["retrained_seconds"] = time.time() - t0
+            stats["retriever"]["retrained"] = {
+                "seed": cfg.retrained.seed,
+                "keep_fraction": cfg.retrained.keep_fraction,
+                "auc_heldout": again["auc_heldout"],
+                "auc_future": again["auc_future"],
+            }
         timings["stage2_seconds"] = _run_beam(
-            lambda p: stages.lists_stage(p, cfg, output_dir, retriever_dir, schema),
+            lambda p: stages.lists_stage(p, cfg, output_dir, retriever_dir, schema, retrained_dir),
             beam_args,
             "stage 2 (candidates, labels, split, TFRecords)",
         )
@@ -310,10 +323,13 @@ def run_config(cfg: PipelineConfig, output_dir: str, beam_args: list[str] | None
         list_size=cfg.list_size,
         history_len=cfg.history_len,
         has_oracle=has_oracle,
+        has_retrained=has_retrained,
         num_items=len(item_vocab),
         num_users=len(user_vocab),
     )
     S.write_schema(schema, output_dir)
+    kind = cfg.retriever.kind if interactions else cfg.source
+    stats["retrievers"] = stats_lib.retriever_summary(stats, kind, has_retrained)
     timings["total_seconds"] = time.time() - start
     stats["timings"] = timings
     _write_json(os.path.join(output_dir, "stats.json"), stats)

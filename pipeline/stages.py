@@ -215,25 +215,41 @@ def interactions_stage(p, read, cfg: PipelineConfig, output_dir: str) -> None:
 class _BuildLists(beam.DoFn):
     """Candidates, scores and labels of one user's requests, under the configured protocol."""
 
-    def __init__(self, cfg: PipelineConfig, retriever_dir: str):
+    def __init__(self, cfg: PipelineConfig, retriever_dir: str, retrained_dir: str | None = None):
         self._cfg = cfg
         self._dir = retriever_dir
+        self._retrained_dir = retrained_dir
 
     def setup(self):
         from pipeline import retriever as mf
 
-        self._retriever = mf.load(self._dir)  # the item table only; user rows come joined by key
+        # The item table (MF) or the neighbour table (item2item); MF's user rows come joined by key.
+        kind = self._cfg.retriever.kind
+        self._retriever = mf.load_kind(kind, self._dir)
+        self._retrained = mf.load_kind(kind, self._retrained_dir) if self._retrained_dir else None
 
     def process(self, kv):
         cfg = self._cfg
         user, joined = kv
-        lines, rows = list(joined["timeline"]), list(joined["user"])
+        mf_kind = cfg.retriever.kind == "mf"
+        lines = list(joined["timeline"])
+        rows = list(joined["user"]) if mf_kind else [(None, None)]
         if not lines:
             return  # a user of the retriever's window without a timeline (cannot happen: both come from stage 1)
         if len(lines) != 1 or len(rows) != 1:
             raise ValueError(f"user {user}: {len(lines)} timelines and {len(rows)} retriever rows (expected 1 and 1)")
         _, timeline = timeline_from_json(lines[0])
         vec, bias = rows[0]
+        scorer = None if mf_kind else self._retriever
+        retrained = None
+        if self._retrained is not None:
+            if mf_kind:
+                again = list(joined["retrained"])
+                if len(again) != 1:
+                    raise ValueError(f"user {user}: {len(again)} retrained retriever rows (expected 1)")
+                retrained = protocol.MFScorer(self._retrained, *again[0])
+            else:
+                retrained = self._retrained
         if cfg.protocol == "cascade":
             records, counts = protocol.cascade_lists(
                 user,
@@ -246,6 +262,8 @@ class _BuildLists(beam.DoFn):
                 history_len=cfg.history_len,
                 list_size=cfg.list_size,
                 horizon=cfg.horizon,
+                scorer=scorer,
+                retrained=retrained,
             )
         else:
             records, counts = protocol.paper_lists(
@@ -263,8 +281,15 @@ class _BuildLists(beam.DoFn):
         yield from records
 
 
-def lists_stage(p, cfg: PipelineConfig, output_dir: str, retriever_dir: str, schema: S.RecordSchema) -> None:
-    """Stage 2 of the interaction sources."""
+def lists_stage(
+    p,
+    cfg: PipelineConfig,
+    output_dir: str,
+    retriever_dir: str,
+    schema: S.RecordSchema,
+    retrained_dir: str | None = None,
+) -> None:
+    """Stage 2 of the interaction sources (`retrained_dir`: the retrained retriever, if any)."""
     from pipeline import retriever as mf
 
     timelines = (
@@ -272,16 +297,25 @@ def lists_stage(p, cfg: PipelineConfig, output_dir: str, retriever_dir: str, sch
         | "ReadTimelines" >> beam.io.ReadFromText(work_path(output_dir, "timelines-*.jsonl.gz"))
         | "KeyTimelines" >> beam.Map(lambda line: (json.loads(line)["user"], line))
     )
-    users = (
-        p
-        | "ReadUserRows" >> beam.io.ReadFromText(os.path.join(retriever_dir, f"{mf.USER_ROWS}-*.jsonl.gz"))
-        | "ParseUserRows" >> beam.Map(mf.parse_user_row)
-    )
+    joined = {"timeline": timelines}
+    if cfg.retriever.kind == "mf":  # item2item has no user table: it scores the user's history
+        joined["user"] = (
+            p
+            | "ReadUserRows" >> beam.io.ReadFromText(os.path.join(retriever_dir, f"{mf.USER_ROWS}-*.jsonl.gz"))
+            | "ParseUserRows" >> beam.Map(mf.parse_user_row)
+        )
+        if retrained_dir is not None:
+            joined["retrained"] = (
+                p
+                | "ReadRetrainedRows" >> beam.io.ReadFromText(os.path.join(retrained_dir, f"{mf.USER_ROWS}-*.jsonl.gz"))
+                | "ParseRetrainedRows" >> beam.Map(mf.parse_user_row)
+            )
     # Each worker holds one user's timeline and row at a time, never the user table.
     built = (
-        {"timeline": timelines, "user": users}
+        joined
         | "JoinUsers" >> beam.CoGroupByKey()
-        | "BuildLists" >> beam.ParDo(_BuildLists(cfg, retriever_dir)).with_outputs("counts", main="records")
+        | "BuildLists"
+        >> beam.ParDo(_BuildLists(cfg, retriever_dir, retrained_dir)).with_outputs("counts", main="records")
     )
     counts = built.counts | "SumListCounts" >> beam.CombinePerKey(sum)
     write_lists(built.records, cfg, output_dir, schema, [counts], "stats-stage2")

@@ -77,6 +77,10 @@ def list_stats_row(record: dict, k: int, seed: int) -> dict:
     # The score's own within-list AUC (the stored order is the score's order, so it matches the
     # retriever order's AUC unless a logged list was stored in some other order).
     row["retriever_score_auc"] = M.pairwise_auc(labels, np.asarray(record[S.RETRIEVER_SCORES]))
+    if S.RETRIEVER_SCORES_RETRAINED in record:
+        retrained = np.asarray(record[S.RETRIEVER_SCORES_RETRAINED], np.float64)
+        row["retrained_score_auc"] = M.pairwise_auc(labels, retrained)
+        row["retrained_rank_corr"] = rank_correlation(np.asarray(record[S.RETRIEVER_SCORES], np.float64), retrained)
     if S.ORACLE_SCORES in record:
         for name, v in M.list_metrics(labels, np.asarray(record[S.ORACLE_SCORES]), k).items():
             row[f"oracle_order.{_key(name, k)}"] = v
@@ -85,6 +89,48 @@ def list_stats_row(record: dict, k: int, seed: int) -> dict:
         if len(seg):
             row[f"positive_rate_by_rank.{lo}-{hi}"] = float((seg == 1).mean())
     return row
+
+
+def rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman's rank correlation of two `[n]` score vectors (ties get their mean rank); NaN if either is constant."""
+    from scipy.stats import rankdata
+
+    ra, rb = rankdata(a), rankdata(b)
+    if len(a) < 2 or ra.std() == 0 or rb.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def retriever_summary(stats: dict, kind: str, retrained: bool) -> dict:
+    """The `retrievers` section of `stats.json`, from the figures the stages wrote.
+
+    For the main retriever (`main`) and, when written, the retrained one (`retrained`): per split
+    the within-list AUC of its x, the positives per list and the share of requests dropped (no
+    positive among the candidates, or none left after truncation). The retrained retriever scores
+    the main one's candidates, so its lists, positives and drops are the main one's; its rank
+    correlation with the main x within lists is given per split.
+    """
+    splits = stats.get("splits", {})
+    lists = stats.get("lists", {})
+    requests = lists.get("requests", stats.get("counts", {}).get("lists_read"))  # list sources: lists simulated
+    dropped = lists.get("dropped_no_positive", 0) + lists.get("dropped_truncated", 0)
+    common = {
+        "positives_per_list": {s: v.get("positives_per_list") for s, v in splits.items()},
+        "lists": {s: v.get("lists") for s, v in splits.items()},
+        "requests": requests,
+        "dropped_share": dropped / requests if requests else None,
+    }
+    auc = {s: v.get("retriever_score_auc") for s, v in splits.items()}
+    out = {"main": {"kind": kind, "auc_in_list": auc, **common}}
+    if retrained:
+        out["retrained"] = {
+            "kind": kind,
+            "same_candidates_as": "main",
+            "auc_in_list": {s: v.get("retrained_score_auc") for s, v in splits.items()},
+            "rank_corr_with_main": {s: v.get("retrained_rank_corr") for s, v in splits.items()},
+            **common,
+        }
+    return out
 
 
 def _key(name: str, k: int) -> str:

@@ -26,9 +26,10 @@ _SECONDS_BETWEEN_REQUESTS = 3600
 class World:
     """The simulator's items, true preference model and retriever (shared by all users)."""
 
-    def __init__(self, cfg: SyntheticConfig, seed: int):
+    def __init__(self, cfg: SyntheticConfig, seed: int, retrained_seed: int | None = None):
         self.cfg = cfg
         self.seed = seed
+        self.retrained_seed = retrained_seed
         rng = np.random.default_rng([seed, 0])
         d = cfg.dim
         self.item_ids = np.arange(1, cfg.num_items + 1, dtype=np.int64)
@@ -36,6 +37,11 @@ class World:
         self.b = rng.normal(0.0, cfg.popularity, cfg.num_items)
         self.V_hat = self.V + rng.normal(0.0, cfg.retriever_noise / np.sqrt(d), self.V.shape)
         self.b_hat = self.b + rng.normal(0.0, cfg.retriever_noise * cfg.popularity, cfg.num_items)
+        if retrained_seed is not None:
+            # The retrained retriever: the same truth seen through noise of another seed.
+            again = np.random.default_rng([retrained_seed, 0, seed])
+            self.V_hat2 = self.V + again.normal(0.0, cfg.retriever_noise / np.sqrt(d), self.V.shape)
+            self.b_hat2 = self.b + again.normal(0.0, cfg.retriever_noise * cfg.popularity, cfg.num_items)
 
     def user(self, user: int) -> tuple[np.ndarray, np.ndarray]:
         """(true factors, retriever's view of them) of one user."""
@@ -46,10 +52,23 @@ class World:
         return u, u_hat
 
     def true_p(self, u: np.ndarray) -> np.ndarray:
-        return sigmoid(self.cfg.base_logit + self.cfg.taste_scale * (self.V @ u) + self.b)
+        return sigmoid(self._logit(self.V, u, self.b))
 
     def retriever_p(self, u_hat: np.ndarray) -> np.ndarray:
-        return sigmoid(self.cfg.base_logit + self.cfg.taste_scale * (self.V_hat @ u_hat) + self.b_hat)
+        return sigmoid(self._logit(self.V_hat, u_hat, self.b_hat))
+
+    def retrained_p(self, user: int, u: np.ndarray) -> np.ndarray:
+        """The retrained retriever's x over the catalogue for one user (true factors `u`)."""
+        rng = np.random.default_rng([self.retrained_seed, 1, self.seed, user])
+        u_hat2 = u + rng.normal(0.0, self.cfg.retriever_noise, self.cfg.dim)
+        return sigmoid(self._logit(self.V_hat2, u_hat2, self.b_hat2))
+
+    def _logit(self, V: np.ndarray, u: np.ndarray, b: np.ndarray) -> np.ndarray:
+        cfg = self.cfg
+        logit = cfg.base_logit + cfg.taste_scale * (V @ u) + b
+        if cfg.sharpness != 1.0:
+            logit = cfg.sharpness * logit
+        return logit
 
 
 def simulate_user(world: World, user: int, list_size: int):
@@ -59,6 +78,7 @@ def simulate_user(world: World, user: int, list_size: int):
     u, u_hat = world.user(user)
     p = world.true_p(u)
     x = world.retriever_p(u_hat)
+    x2 = world.retrained_p(user, u) if world.retrained_seed is not None else None
     warm = rng.choice(cfg.num_items, size=min(WARM_HISTORY, cfg.num_items // 4), replace=False, p=p / p.sum())
     history = [int(world.item_ids[j]) for j in warm]
     consumed = np.zeros(cfg.num_items, bool)
@@ -72,7 +92,7 @@ def simulate_user(world: World, user: int, list_size: int):
             return
         cand = np.lexsort((np.arange(cfg.num_items), -masked))[:k]
         z = (rng.random(k) < p[cand]).astype(np.int64)
-        yield {
+        record = {
             S.REQUEST_ID: f"syn-{user}-{r}",
             S.USER_ID: int(user),
             S.TIMESTAMP: t,
@@ -82,6 +102,9 @@ def simulate_user(world: World, user: int, list_size: int):
             S.LABELS: [int(v) for v in z],
             S.ORACLE_SCORES: [float(v) for v in p[cand]],
         }
+        if x2 is not None:
+            record[S.RETRIEVER_SCORES_RETRAINED] = [float(v) for v in x2[cand]]
+        yield record
         clicked = cand[z == 1]
         consumed[clicked] = True
         history.extend(int(world.item_ids[j]) for j in clicked)
