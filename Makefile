@@ -11,7 +11,8 @@ $(VENV)/.installed: setup.py Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
-	# TF Serving's protos (for the warmup file); --no-deps: its pin on `tensorflow` would pull a second TF.
+	# TF Serving's protos, for the tests only (gRPC client, models.config; the export writes its warmup file
+	# without them). --no-deps: its pin on `tensorflow` would pull a second TF.
 	$(PY) -m pip install --quiet --no-deps tensorflow-serving-api==2.21.0
 	touch $@
 

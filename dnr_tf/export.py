@@ -185,20 +185,40 @@ def export_model(
     return final
 
 
+def _field(number: int, payload: bytes) -> bytes:
+    """One length-delimited protobuf field (wire type 2): tag, varint length, bytes."""
+    out = bytearray()
+    for value in ((number << 3) | 2, len(payload)):
+        while value > 0x7F:
+            out.append((value & 0x7F) | 0x80)
+            value >>= 7
+        out.append(value)
+    return bytes(out) + payload
+
+
+def prediction_log(examples: list[bytes], model_name: str, signature_name: str = "serving_default") -> bytes:
+    """A serialized `tensorflow.serving.PredictionLog` holding one `PredictRequest` on `examples`.
+
+    Written by hand (the wire format of five fields), so that exporting needs no
+    tensorflow-serving-api. Field numbers from tensorflow_serving/apis: PredictionLog.predict_log = 6,
+    PredictLog.request = 1, PredictRequest.model_spec = 1 and inputs = 2 (a map: key 1, value 2),
+    ModelSpec.name = 1 and signature_name = 3. The test parses the result with that package.
+    """
+    import tensorflow as tf
+
+    tensor = tf.make_tensor_proto(examples, dtype=tf.string).SerializeToString()
+    spec = _field(1, model_name.encode()) + _field(3, signature_name.encode())
+    request = _field(1, spec) + _field(2, _field(1, b"examples") + _field(2, tensor))
+    return _field(6, _field(1, request))
+
+
 def write_warmup(path: str, examples: list[bytes], model_name: str = "dnr") -> None:
     """TF Serving warmup: `PredictionLog` records of `serving_default` requests, as a TFRecord file."""
     import tensorflow as tf
-    from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
 
     with tf.io.TFRecordWriter(path) as writer:
         for start in range(0, len(examples), 2):
-            batch = examples[start : start + 2]
-            request = predict_pb2.PredictRequest(
-                model_spec=model_pb2.ModelSpec(name=model_name, signature_name="serving_default")
-            )
-            request.inputs["examples"].CopyFrom(tf.make_tensor_proto(batch, dtype=tf.string))
-            log = prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request))
-            writer.write(log.SerializeToString())
+            writer.write(prediction_log(examples[start : start + 2], model_name))
 
 
 def read_examples(data_dir: str, split: str = "valid", n: int = WARMUP_REQUESTS) -> list[bytes]:

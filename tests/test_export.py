@@ -278,3 +278,24 @@ def test_serving_bench_counts_the_flops_of_the_smoke_prm_by_hand(exported):
     assert counted["attention_blocks"] == 1
     assert counted["per_request"] == 2 * e * h  # the user state, once a list
     assert counted["per_list"] == n * per_candidate + 2 * e * h
+
+
+def test_warmup_without_tensorflow_serving(tmp_path, monkeypatch):
+    """A plain `pip install -e .` has no tensorflow-serving-api: the warmup file is still written, and valid."""
+    from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
+
+    from dnr_tf.export import write_warmup
+
+    examples = [tf.train.Example().SerializeToString(), b"\x01" * 300, b"abc"]
+    for name in [m for m in sys.modules if m.split(".")[0] == "tensorflow_serving"]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "tensorflow_serving", None)  # `import tensorflow_serving` now fails
+    write_warmup(str(tmp_path / WARMUP_FILE), examples, model_name="m")
+    monkeypatch.undo()
+    records = [r.numpy() for r in tf.data.TFRecordDataset(str(tmp_path / WARMUP_FILE))]
+    expected = []
+    for start in (0, 2):
+        request = predict_pb2.PredictRequest(model_spec=model_pb2.ModelSpec(name="m", signature_name="serving_default"))
+        request.inputs["examples"].CopyFrom(tf.make_tensor_proto(examples[start : start + 2], dtype=tf.string))
+        expected.append(prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request)))
+    assert [prediction_log_pb2.PredictionLog.FromString(r) for r in records] == expected
