@@ -20,8 +20,10 @@ venv: $(VENV)/.installed
 
 demo: venv
 	$(PY) -m pipeline.run --config configs/pipeline/synthetic.yaml --output_dir $(DATA)
+	# A fresh run each time, on purpose: a second demo must not resume or mix TensorBoard runs with the first.
+	rm -rf runs/demo_dnr_b
 	$(PY) -m dnr_tf.train --config configs/synthetic_dnr_b.yaml --data_dir $(DATA) --model_dir runs/demo_dnr_b
-	@echo "demo output: data $(DATA)/, run runs/demo_dnr_b/ (tensorboard --logdir runs/demo_dnr_b/logs)"
+	@echo "demo output: data $(DATA)/, run runs/demo_dnr_b/ (TensorBoard: make tensorboard, i.e. tensorboard --logdir runs)"
 
 ml100k: venv
 	$(PY) -m pipeline.run --config configs/pipeline/ml100k.yaml --input $(ML100K)/u.data \

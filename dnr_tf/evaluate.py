@@ -19,9 +19,8 @@ import json
 import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-from dnr_tf import schema as S  # noqa: E402
+from dnr_tf import quiet
+from dnr_tf import schema as S
 
 KEYS = ("hit@{k}", "ndcg@{k}", "map@{k}", "f1@{k}", "precision@{k}", "recall@{k}", "auc")
 
@@ -116,6 +115,7 @@ def print_table(result: dict) -> None:
 
 
 def main(argv=None) -> int:
+    quiet.configure(quiet.verbose_flag(argv))  # before TensorFlow is imported
     parser = argparse.ArgumentParser(prog="python -m dnr_tf.evaluate", description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, help="saved_models/<name>/<version> or runs/<name>")
     parser.add_argument("--data_dir", required=True, help="an output directory of `python -m pipeline.run`")
@@ -125,6 +125,7 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--output", help="JSON path (default: <run>/eval_<split>.json, or eval_<version>_<split>.json beside an export)"
     )
+    parser.add_argument("--verbose", action="store_true", help="show TensorFlow's, Keras' and absl's own logs too")
     args = parser.parse_args(argv)
     try:
         result = evaluate(args.model, args.data_dir, args.split, args.k, args.seed)

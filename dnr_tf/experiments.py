@@ -34,10 +34,8 @@ import os
 import sys
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-from dnr_tf import config_io  # noqa: E402
-from dnr_tf.config import ExperimentConfig  # noqa: E402
+from dnr_tf import config_io, quiet
+from dnr_tf.config import ExperimentConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,6 +212,7 @@ def run_plan(plan: Plan, out: str, progress=print, shard: tuple[int, int] = (0, 
 
 
 def main(argv=None) -> int:
+    quiet.configure(quiet.verbose_flag(argv))  # before TensorFlow is imported
     parser = argparse.ArgumentParser(prog="python -m dnr_tf.experiments", description=__doc__.split("\n")[0])
     parser.add_argument("--plan", required=True, help="YAML study plan (configs/study/*.yaml)")
     parser.add_argument("--data_dir", help="the cascade data set (replaces the plan's datasets.cascade.dir)")
@@ -222,6 +221,7 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--shard", default="0/1", help="I/N: train only every N-th run from the I-th (parallel workers)"
     )
+    parser.add_argument("--verbose", action="store_true", help="show TensorFlow's, Keras' and absl's own logs too")
     args = parser.parse_args(argv)
     try:
         index, count = (int(v) for v in args.shard.split("/"))

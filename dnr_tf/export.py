@@ -27,10 +27,8 @@ import os
 import shutil
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-from dnr_tf import config_io  # noqa: E402
-from dnr_tf import schema as S  # noqa: E402
+from dnr_tf import config_io, quiet
+from dnr_tf import schema as S
 
 WARMUP_FILE = "tf_serving_warmup_requests"
 WARMUP_REQUESTS = 4
@@ -280,11 +278,13 @@ def export_run(model_dir: str, export_dir: str, version: int | None = None, data
 
 
 def main(argv=None) -> int:
+    quiet.configure(quiet.verbose_flag(argv))  # before TensorFlow is imported
     parser = argparse.ArgumentParser(prog="python -m dnr_tf.export", description=__doc__.split("\n")[0])
     parser.add_argument("--model_dir", required=True, help="a run directory of `python -m dnr_tf.train`")
     parser.add_argument("--export_dir", required=True, help="saved_models/<model_name>")
     parser.add_argument("--version", type=int, help="integer version (default: the next free one)")
     parser.add_argument("--data_dir", help="records for the warmup file (default: the run's data)")
+    parser.add_argument("--verbose", action="store_true", help="show TensorFlow's, Keras' and absl's own logs too")
     args = parser.parse_args(argv)
     try:
         path = export_run(args.model_dir, args.export_dir, args.version, args.data_dir)

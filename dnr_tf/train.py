@@ -4,8 +4,9 @@ Example:
     python -m dnr_tf.train --config configs/ml100k_dnr_b.yaml --data_dir data/ml100k \\
         --model_dir runs/ml100k_dnr_b --set train.epochs=5 --set dnr.lambda_c=0.5
 
-Writes into `--model_dir`: `config.yaml` (resolved), `logs/` (TensorBoard), `backup/` (while
-running: `BackupAndRestore`, so a killed run resumes where it was with the same command),
+Writes into `--model_dir`: `config.yaml` (resolved), `logs/` (TensorBoard), `backup/` (only while
+running: `BackupAndRestore`, so a killed run resumes where it was with the same command; removed
+when the run finishes),
 `best.weights.h5` and `best.json` (the epoch with the best validation metric), and `metrics.json`
 (validation and test metrics of the best model, seconds per epoch, the history).
 
@@ -25,12 +26,10 @@ import shutil
 import sys
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import yaml
 
-import yaml  # noqa: E402
-
-from dnr_tf import config_io, distribute  # noqa: E402  (distribute imports TensorFlow only when called)
-from dnr_tf.config import ExperimentConfig  # noqa: E402
+from dnr_tf import config_io, config_keys, distribute, quiet  # distribute imports TensorFlow only when called
+from dnr_tf.config import ExperimentConfig
 
 FEATURES = ("item_ids", "retriever_scores", "history", "user_id")
 
@@ -62,6 +61,12 @@ def parse_args(argv=None) -> tuple[ExperimentConfig, str, str, str | None, dict]
         metavar="N",
         help="with --strategy mirrored and no GPU: split the CPU into N logical devices, one replica each",
     )
+    parser.add_argument(
+        "--list_keys",
+        action=config_keys.list_keys_action(ExperimentConfig),
+        help="print every config key (for --set) with its default and meaning, and exit",
+    )
+    parser.add_argument("--verbose", action="store_true", help="show TensorFlow's, Keras' and absl's own logs too")
     args = parser.parse_args(argv)
     data = config_io.apply_overrides(config_io.load_yaml(args.config), args.set)
     cfg = config_io.from_dict(ExperimentConfig, data)
@@ -239,6 +244,9 @@ def train(
 ) -> dict:
     """Trains, picks the best epoch on validation, evaluates it on test; returns `metrics.json`.
 
+    `verbose`: None prints a short line per epoch and progress inside it (`dnr_tf.progress`); an
+    integer is Keras' own `fit` verbosity instead (0: silent).
+
     `strategy`, `cpu_replicas`: see `dnr_tf.distribute`. A worker other than the chief writes its
     files under `<model_dir>/workers/<task>-<index>/` and returns its own copy of the metrics.
     """
@@ -251,6 +259,7 @@ def train(
     import keras
 
     from dnr_tf import callbacks as cb
+    from dnr_tf import progress
     from dnr_tf import schema as schema_lib
     from dnr_tf.model import NONFINITE_TERMS, SamplerSchedule
 
@@ -310,15 +319,15 @@ def train(
         keras.callbacks.TensorBoard(os.path.join(model_dir, "logs"), histogram_freq=0),
         cb.ScoreHistograms(os.path.join(model_dir, "logs", "scores"), example, next(iter(train_ds))[1]),
     ]
-    if verbose is None:
-        verbose = 1 if sys.stdout.isatty() else 2
+    if verbose is None and chief:
+        callbacks.append(progress.EpochLine(cfg.train.epochs, monitor, steps_per_epoch))
     start = time.time()
     history = model.fit(
         train_ds,
         validation_data=valid_ds,
         epochs=cfg.train.epochs,
         callbacks=callbacks,
-        verbose=verbose,
+        verbose=verbose or 0,
         steps_per_epoch=steps_per_epoch,
     )
     wall = time.time() - start
@@ -365,13 +374,22 @@ def print_table(result: dict) -> None:
     for split in ("valid", "test"):
         print(f"{split:6s} " + " ".join(f"{result[split].get(k, float('nan')):8.4f}" for k in keys))
     secs = result["seconds_per_epoch"]
-    if secs:
-        print(f"seconds per epoch: median {sorted(secs)[len(secs) // 2]:.1f}")
+    if len(secs) > 1:
+        steady = sorted(secs[1:])[len(secs[1:]) // 2]
+        first = f"the first, with start-up: {secs[0]:.1f}"
+        print(f"seconds per epoch: median {steady:.1f} over epochs 2-{len(secs)} ({first})")
+    elif secs:
+        print(f"seconds per epoch: {secs[0]:.1f} (one epoch, start-up included)")
 
 
 def main(argv=None) -> int:
+    quiet.configure(quiet.verbose_flag(argv))  # before TensorFlow is imported
     try:
         cfg, data_dir, model_dir, export_dir, dist = parse_args(argv)
+        from dnr_tf.progress import phase_warning  # imports Keras, so after quiet.configure
+
+        if warning := phase_warning(cfg):
+            print(warning, file=sys.stderr, flush=True)
         result = train(cfg, data_dir, model_dir, **dist)
     except (config_io.ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

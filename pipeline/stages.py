@@ -225,11 +225,18 @@ class _BuildLists(beam.DoFn):
         self._retriever = mf.load(self._dir)  # the item table only; user rows come joined by key
 
     def process(self, kv):
+        # A generator only (no bare `return`): Beam warns about DoFns that mix yield and return.
+        records, counts = self._build(*kv)
+        for name, n in counts.items():
+            yield beam.pvalue.TaggedOutput("counts", (f"lists.{name}", n))
+        yield from records
+
+    def _build(self, user, joined) -> tuple[list, dict]:
+        """(records, counts) of one user's requests."""
         cfg = self._cfg
-        user, joined = kv
         lines, rows = list(joined["timeline"]), list(joined["user"])
         if not lines:
-            return  # a user of the retriever's window without a timeline (cannot happen: both come from stage 1)
+            return [], {}  # a user of the retriever's window without a timeline (cannot happen: both come from stage 1)
         if len(lines) != 1 or len(rows) != 1:
             raise ValueError(f"user {user}: {len(lines)} timelines and {len(rows)} retriever rows (expected 1 and 1)")
         _, timeline = timeline_from_json(lines[0])
@@ -258,9 +265,7 @@ class _BuildLists(beam.DoFn):
                 history_len=cfg.history_len,
                 list_size=cfg.list_size,
             )
-        for name, n in counts.items():
-            yield beam.pvalue.TaggedOutput("counts", (f"lists.{name}", n))
-        yield from records
+        return records, counts
 
 
 def lists_stage(p, cfg: PipelineConfig, output_dir: str, retriever_dir: str, schema: S.RecordSchema) -> None:
