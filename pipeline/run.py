@@ -7,7 +7,7 @@ Example:
 Arguments this module does not know are Beam pipeline options and pass through untouched, so
 `--runner FlinkRunner ...` or `--runner DataflowRunner --project ... --temp_location ...` run the
 same code elsewhere. Writes `train|valid|test-*.tfrecord.gz`, `schema.json`, `stats.json`,
-`item_vocab.txt`, `user_vocab.txt`, `rejects-*.jsonl` and `retriever/` into `--output_dir`.
+`schema.pbtxt`, `item_vocab.txt`, `user_vocab.txt`, `rejects-*.jsonl` and `retriever/` into `--output_dir`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import os
 import sys
 import time
 
-from dnr_tf import config_io, config_keys, quiet
+from dnr_tf import config_io, config_keys, quiet, tfmd
 from dnr_tf import schema as S
 from pipeline.config import SOURCES, PipelineConfig
 
@@ -63,7 +63,7 @@ def _clean_outputs(output_dir: str) -> None:
     import tensorflow as tf
 
     tf.io.gfile.makedirs(output_dir)
-    for pattern in ("train-*", "valid-*", "test-*", "rejects-*", "stats.json", "schema.json", "*_vocab.txt"):
+    for pattern in ("train-*", "valid-*", "test-*", "rejects-*", "stats.json", "schema.*", "*_vocab.txt"):
         for path in tf.io.gfile.glob(os.path.join(output_dir, pattern)):
             tf.io.gfile.remove(path)
     for sub in ("_work", "retriever"):
@@ -324,6 +324,7 @@ def run_config(cfg: PipelineConfig, output_dir: str, beam_args: list[str] | None
         num_users=len(user_vocab),
     )
     S.write_schema(schema, output_dir)
+    tfmd.write_tfmd(schema, output_dir)  # the same contract as a tensorflow_metadata Schema (TFX, TFDV)
     timings["total_seconds"] = time.time() - start
     stats["timings"] = timings
     _write_json(os.path.join(output_dir, "stats.json"), stats)
@@ -359,7 +360,7 @@ def _remove_work(output_dir: str) -> None:
 def print_summary(stats: dict, output_dir: str) -> None:
     """A short table of what was built: lists per split and the order baselines on test."""
     k = stats["config"]["k"]
-    print(f"[pipeline] wrote {output_dir}/ (stats.json, schema.json, *.tfrecord.gz)")
+    print(f"[pipeline] wrote {output_dir}/ (stats.json, schema.json, schema.pbtxt, *.tfrecord.gz)")
     counts = stats.get("counts", {})
     if "interactions_after_kcore" in counts:
         print(
