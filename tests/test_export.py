@@ -125,27 +125,23 @@ def test_fresh_process_without_dnr_tf(exported, tmp_path):
 
 
 def test_saved_model_cli_show_and_run(exported):
+    """The README's own `saved_model_cli` command lines, on this export (only `--dir` replaced)."""
+    from tests.test_readme import readme_commands, readme_inline_commands
+
     cli = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
-    show = subprocess.run([cli, "show", "--dir", exported["path"], "--all"], capture_output=True, text=True, check=True)
+    lines = {w[1]: w for w in readme_commands() + readme_inline_commands() if w[0] == "saved_model_cli"}
+    assert set(lines) == {"show", "run"}
+
+    def as_run(words):
+        words = [cli, *words[1:]]
+        words[words.index("--dir") + 1] = exported["path"]
+        return words
+
+    show = subprocess.run(as_run(lines["show"]), capture_output=True, text=True, check=True)
     for name in ("serving_default", "predict_lists", "examples", "scores", "top_k_item_ids", "top_k_indices"):
         assert name in show.stdout
-    run = subprocess.run(
-        [
-            cli,
-            "run",
-            "--dir",
-            exported["path"],
-            "--tag_set",
-            "serve",
-            "--signature_def",
-            "predict_lists",
-            "--input_exprs",
-            "item_ids=[[1, 2, 3, 0]];retriever_scores=[[0.9, 0.5, 0.1, 0.0]];history=[[4, 5]];user_id=[7]",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+    run = subprocess.run(as_run(lines["run"]), capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
     lines = run.stdout.splitlines()
     indices = lines[lines.index("Result for output key top_k_indices:") + 1]
     ids = lines[lines.index("Result for output key top_k_item_ids:") + 1]
