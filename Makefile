@@ -33,7 +33,7 @@ tensorboard: venv
 	$(VENV)/bin/tensorboard --logdir runs
 
 test: venv
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest tests
 
 lint: venv
 	$(VENV)/bin/ruff check dnr_tf pipeline tests

@@ -12,25 +12,23 @@ import tensorflow as tf
 
 from dnr_tf import schema as S
 from dnr_tf.evaluate import evaluate
-from dnr_tf.export import WARMUP_FILE, export_run, load_trained, next_version, read_examples
-from dnr_tf.train import train
+from dnr_tf.export import WARMUP_FILE, load_trained, next_version, read_examples
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(ROOT, "configs", "smoke.yaml")
 
 
 @pytest.fixture(scope="module")
-def exported(synthetic_data, tmp_path_factory):
-    from dnr_tf import config_io
-    from dnr_tf.config import ExperimentConfig
-
-    data_dir, _ = synthetic_data
-    tmp = tmp_path_factory.mktemp("export")
-    cfg = config_io.from_dict(ExperimentConfig, config_io.load_yaml(SMOKE))
-    train(cfg, str(data_dir), str(tmp / "run"), verbose=0)
-    path = export_run(str(tmp / "run"), str(tmp / "saved" / "smoke"))
-    model, _, schema = load_trained(str(tmp / "run"))
-    return {"path": path, "run": tmp / "run", "model": model, "schema": schema, "data_dir": data_dir, "tmp": tmp}
+def exported(smoke_run):
+    """The session's smoke run (conftest.py), its export and its best model loaded back."""
+    model, _, schema = load_trained(str(smoke_run["run"]))
+    return {
+        "path": smoke_run["export"],
+        "run": smoke_run["run"],
+        "model": model,
+        "schema": schema,
+        "data_dir": smoke_run["data_dir"],
+    }
 
 
 def _dense_batch(data_dir, n=8):
