@@ -36,7 +36,7 @@ def _scorer(model_path: str):
         fn = loaded.signatures["serving_default"]
         return (lambda serialized, parsed: fn(examples=serialized)["scores"]), f"SavedModel {model_path}"
     if os.path.exists(os.path.join(model_path, "config.yaml")):
-        from dnr_tf.export import load_trained
+        from dnr_tf.runs import load_trained
 
         model, _, _ = load_trained(model_path)
 

@@ -124,8 +124,8 @@ def experiment_config(plan: Plan, row: Row, seed: int) -> ExperimentConfig:
 def run_one(plan: Plan, row: Row, dataset: str, seed: int, out: str) -> dict:
     """Trains one run (resuming if half done), evaluates it under every perturbation, saves result.json."""
     from dnr_tf import schema as schema_lib
-    from dnr_tf.export import load_trained
     from dnr_tf.robustness import evaluate_perturbed
+    from dnr_tf.runs import load_trained
     from dnr_tf.train import datasets, train
 
     cfg = experiment_config(plan, row, seed)

@@ -29,6 +29,7 @@ import sys
 
 from dnr_tf import config_io, quiet
 from dnr_tf import schema as S
+from dnr_tf.runs import load_trained
 
 WARMUP_FILE = "tf_serving_warmup_requests"
 WARMUP_REQUESTS = 4
@@ -230,33 +231,6 @@ def read_examples(data_dir: str, split: str = "valid", n: int = WARMUP_REQUESTS)
         return []
     ds = tf.data.TFRecordDataset(files, compression_type="GZIP").take(n)
     return [bytes(x.numpy()) for x in ds]
-
-
-def load_trained(model_dir: str):
-    """The DNR model of a run directory, with its best weights; (model, config, schema)."""
-    import numpy as np
-
-    from dnr_tf.train import build_model, load_run
-
-    cfg, vocab, schema = load_run(model_dir)
-    weights = os.path.join(model_dir, "best.weights.h5")
-    if not os.path.exists(weights):
-        raise FileNotFoundError(f"{weights} not found: the run has not finished an epoch")
-    n = schema.list_size
-    dummy = {
-        S.ITEM_IDS: np.ones((1, n), np.int64) * vocab[0],
-        S.RETRIEVER_SCORES: np.full((1, n), 0.5, np.float32),
-        S.HISTORY: np.zeros((1, schema.history_len), np.int64),
-        S.USER_ID: np.ones((1,), np.int64),
-    }
-    calibration = None
-    if os.path.exists(os.path.join(model_dir, "calibration.json")):
-        with open(os.path.join(model_dir, "calibration.json")) as f:
-            c = json.load(f)
-        calibration = [c["beta_given_z0"], c["beta_given_z1"]]
-    model = build_model(cfg, vocab, schema, dummy, calibration)
-    model.load_weights(weights)
-    return model, cfg, schema
 
 
 def export_run(model_dir: str, export_dir: str, version: int | None = None, data_dir: str | None = None) -> str:

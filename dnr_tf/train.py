@@ -30,6 +30,7 @@ import yaml
 
 from dnr_tf import config_io, config_keys, distribute, quiet  # distribute imports TensorFlow only when called
 from dnr_tf.config import ExperimentConfig
+from dnr_tf.runs import build_model, read_vocab
 
 FEATURES = ("item_ids", "retriever_scores", "history", "user_id")
 
@@ -72,18 +73,6 @@ def parse_args(argv=None) -> tuple[ExperimentConfig, str, str, str | None, dict]
     cfg = config_io.from_dict(ExperimentConfig, data)
     export = None if args.export is None else (args.export or os.path.join("saved_models", cfg.name))
     return cfg, args.data_dir, args.model_dir, export, {"strategy": args.strategy, "cpu_replicas": args.cpu_replicas}
-
-
-def read_vocab(directory: str) -> list[int]:
-    """The item vocabulary of a pipeline output (or of a run, which keeps a copy)."""
-    path = os.path.join(directory, "item_vocab.txt")
-    if not os.path.exists(path):
-        raise FileNotFoundError(
-            f"{path} not found: expected an output directory of `python -m pipeline.run` "
-            "(or a run directory of `python -m dnr_tf.train`)"
-        )
-    with open(path) as f:
-        return [int(line) for line in f if line.strip()]
 
 
 def split_sizes(data_dir: str) -> dict[str, int]:
@@ -185,18 +174,6 @@ def resumed_epochs(model_dir: str) -> int:
         return int(json.load(f).get("epoch", 0))
 
 
-def load_run(model_dir: str):
-    """(config, item vocabulary, record schema) of a run directory that `train` wrote."""
-    from dnr_tf import schema as schema_lib
-
-    path = os.path.join(model_dir, "config.yaml")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found: --model_dir must be a run directory of `python -m dnr_tf.train`")
-    data = config_io.load_yaml(path)
-    data.pop("data_dir", None)
-    return config_io.from_dict(ExperimentConfig, data), read_vocab(model_dir), schema_lib.load_schema(model_dir)
-
-
 def score_calibration(train_ds) -> list[list[float]]:
     """[[a0, b0], [a1, b1]]: a Beta per label fitted by moments to the real x of the train split."""
     import numpy as np
@@ -216,22 +193,6 @@ def score_calibration(train_ds) -> list[list[float]]:
         mean = s1 / n
         params.append(list(fit_beta(mean, s2 / n - mean * mean)))
     return params
-
-
-def build_model(cfg: ExperimentConfig, item_vocab, schema, example_features, calibration=None):
-    import keras
-
-    from dnr_tf.model import DNRModel
-
-    keras.utils.set_random_seed(cfg.train.seed)
-    model = DNRModel(cfg, item_vocab, schema.list_size, calibration=calibration, name="dnr")
-    if cfg.train.weight_decay > 0:
-        optimizer = keras.optimizers.AdamW(cfg.train.learning_rate, weight_decay=cfg.train.weight_decay)
-    else:
-        optimizer = keras.optimizers.Adam(cfg.train.learning_rate)
-    model.compile(optimizer=optimizer)
-    model.build_all(example_features)
-    return model
 
 
 def train(

@@ -179,3 +179,17 @@ def test_tfmd_schema_parses_and_matches_schema_json(synthetic_data):
     assert S.ORACLE_SCORES not in names and S.ORACLE_SCORES in table
     item_ids = next(f for f in tfmd.to_tfmd(S.RecordSchema(list_size=7)).feature if f.name == S.ITEM_IDS)
     assert item_ids.shape.dim[0].size == 7
+
+
+def test_export_and_train_do_not_import_each_other():
+    """Run building and loading live in dnr_tf/runs.py: export needs no train, and train's module no export."""
+    script = (
+        "import sys, dnr_tf.export; assert 'dnr_tf.train' not in sys.modules, 'export imports train'; "
+        "import dnr_tf.train; assert 'dnr_tf.runs' in sys.modules"
+    )
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    subprocess.run([sys.executable, "-c", script], env=env, check=True, capture_output=True)
+    import dnr_tf.train
+
+    source = open(dnr_tf.train.__file__).read()
+    assert "from dnr_tf.export import export_run" in source.split("def main(")[1], "only main exports, lazily"

@@ -12,7 +12,8 @@ import tensorflow as tf
 
 from dnr_tf import schema as S
 from dnr_tf.evaluate import evaluate
-from dnr_tf.export import WARMUP_FILE, load_trained, next_version, read_examples
+from dnr_tf.export import WARMUP_FILE, next_version, read_examples
+from dnr_tf.runs import load_trained
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(ROOT, "configs", "smoke.yaml")

@@ -14,7 +14,8 @@ import pytest
 from dnr_tf import config_io
 from dnr_tf import schema as S
 from dnr_tf.config import DNRConfig, ExperimentConfig, ModelConfig, TrainConfig
-from dnr_tf.train import build_model, datasets, main, read_vocab, train
+from dnr_tf.runs import build_model, read_vocab
+from dnr_tf.train import datasets, main, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(ROOT, "configs", "smoke.yaml")
