@@ -142,7 +142,8 @@ def test_entry_points_are_quiet_unless_verbose(tmp_path):
         for flag in ([], ["--verbose"])
     )
     assert quiet_run.stdout == "done\n" and quiet_run.stderr.splitlines() == ["WARNING pipeline: own warning"]
-    for noise in ("cpu_feature_guard", "beam noise", "own warning"):
+    # TensorFlow's own start-up lines depend on the CPU (cpu_feature_guard): only Python's logs are asserted.
+    for noise in ("beam noise", "own warning"):
         assert noise in loud.stderr
 
 
