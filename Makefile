@@ -11,7 +11,8 @@ $(VENV)/.installed: setup.py Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
-	# TF Serving's protos (for the warmup file); --no-deps: its pin on `tensorflow` would pull a second TF.
+	# TF Serving's protos, for the tests only (gRPC client, models.config; the export writes its warmup file
+	# without them). --no-deps: its pin on `tensorflow` would pull a second TF.
 	$(PY) -m pip install --quiet --no-deps tensorflow-serving-api==2.21.0
 	touch $@
 
@@ -19,8 +20,10 @@ venv: $(VENV)/.installed
 
 demo: venv
 	$(PY) -m pipeline.run --config configs/pipeline/synthetic.yaml --output_dir $(DATA)
+	# A fresh run each time, on purpose: a second demo must not resume or mix TensorBoard runs with the first.
+	rm -rf runs/demo_dnr_b
 	$(PY) -m dnr_tf.train --config configs/synthetic_dnr_b.yaml --data_dir $(DATA) --model_dir runs/demo_dnr_b
-	@echo "demo output: data $(DATA)/, run runs/demo_dnr_b/ (tensorboard --logdir runs/demo_dnr_b/logs)"
+	@echo "demo output: data $(DATA)/, run runs/demo_dnr_b/ (TensorBoard: make tensorboard, i.e. tensorboard --logdir runs)"
 
 ml100k: venv
 	$(PY) -m pipeline.run --config configs/pipeline/ml100k.yaml --input $(ML100K)/u.data \
@@ -30,7 +33,7 @@ tensorboard: venv
 	$(VENV)/bin/tensorboard --logdir runs
 
 test: venv
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest tests
 
 lint: venv
 	$(VENV)/bin/ruff check dnr_tf pipeline tests

@@ -111,7 +111,8 @@ def export_vs_memory(loaded, run_dir: str, records: list[bytes], batches: list[i
     wraps its inputs and outputs on every call), the export's restored function (the same graph,
     called like the in-memory one) and the in-memory function. Medians of the rounds.
     """
-    from dnr_tf.export import load_trained, serving_fns
+    from dnr_tf.export import serving_fns
+    from dnr_tf.runs import load_trained
 
     model, cfg, schema = load_trained(run_dir)
     memory_fn, _ = serving_fns(model.reranker, schema.list_size, cfg.train.k)

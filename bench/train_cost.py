@@ -74,7 +74,8 @@ def machine() -> dict:
 
 def build_cases(data_dir: str, names: list[str], n_batches: int):
     from dnr_tf import schema as schema_lib
-    from dnr_tf.train import build_model, datasets, read_vocab
+    from dnr_tf.runs import build_model, read_vocab
+    from dnr_tf.train import datasets
 
     schema = schema_lib.load_schema(data_dir)
     vocab = read_vocab(data_dir)

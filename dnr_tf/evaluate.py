@@ -19,10 +19,8 @@ import json
 import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-from dnr_tf import config_io  # noqa: E402
-from dnr_tf import schema as S  # noqa: E402
+from dnr_tf import config_io, quiet
+from dnr_tf import schema as S
 
 KEYS = ("hit@{k}", "ndcg@{k}", "map@{k}", "f1@{k}", "precision@{k}", "recall@{k}", "auc")
 
@@ -72,7 +70,7 @@ def _scorer(model_path: str):
         fn = loaded.signatures["serving_default"]
         return (lambda serialized, parsed: fn(examples=serialized)["scores"]), f"SavedModel {model_path}"
     if os.path.exists(os.path.join(model_path, "config.yaml")):
-        from dnr_tf.export import load_trained
+        from dnr_tf.runs import load_trained
 
         try:
             model, _, _ = load_trained(model_path)
@@ -225,6 +223,7 @@ def print_table(result: dict) -> None:
 
 
 def main(argv=None) -> int:
+    quiet.configure(quiet.verbose_flag(argv))  # before TensorFlow is imported
     parser = argparse.ArgumentParser(prog="python -m dnr_tf.evaluate", description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, help="saved_models/<name>/<version> or runs/<name>")
     parser.add_argument("--data_dir", required=True, help="an output directory of `python -m pipeline.run`")
@@ -234,6 +233,7 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--output", help="JSON path (default: <run>/eval_<split>.json, or eval_<version>_<split>.json beside an export)"
     )
+    parser.add_argument("--verbose", action="store_true", help="show TensorFlow's, Keras' and absl's own logs too")
     args = parser.parse_args(argv)
     model = os.path.normpath(args.model)
     if args.output:

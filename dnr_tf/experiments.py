@@ -43,10 +43,8 @@ import shutil
 import sys
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-from dnr_tf import config_io, tuning  # noqa: E402
-from dnr_tf.config import ExperimentConfig  # noqa: E402
+from dnr_tf import config_io, quiet, tuning
+from dnr_tf.config import ExperimentConfig
 
 PHASES = ("all", "tune", "final")
 
@@ -265,8 +263,8 @@ def row_fields(plan: Plan, row: Row) -> dict:
 def train_and_evaluate(cfg: ExperimentConfig, data_dir: str, model_dir: str, robustness, seed: int) -> dict:
     """Trains one run (resuming if half done) and evaluates it on test under every perturbation."""
     from dnr_tf import schema as schema_lib
-    from dnr_tf.export import load_trained
     from dnr_tf.robustness import evaluate_perturbed
+    from dnr_tf.runs import load_trained
     from dnr_tf.train import datasets, train
 
     trained = train(cfg, data_dir, model_dir, verbose=0)
@@ -535,6 +533,7 @@ def budget_table(plan: Plan) -> list[str]:
 
 
 def main(argv=None) -> int:
+    quiet.configure(quiet.verbose_flag(argv))  # before TensorFlow is imported
     parser = argparse.ArgumentParser(prog="python -m dnr_tf.experiments", description=__doc__.split("\n")[0])
     parser.add_argument("--plan", required=True, help="YAML study plan (configs/study/*.yaml)")
     parser.add_argument("--data_dir", help="the cascade data set (replaces the plan's datasets.cascade.dir)")
@@ -549,6 +548,7 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--dry_run", action="store_true", help="check the plan and every run's config, print the budgets, train nothing"
     )
+    parser.add_argument("--verbose", action="store_true", help="show TensorFlow's, Keras' and absl's own logs too")
     args = parser.parse_args(argv)
     try:
         index, count = (int(v) for v in args.shard.split("/"))

@@ -29,10 +29,9 @@ import os
 import shutil
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-from dnr_tf import config_io  # noqa: E402
-from dnr_tf import schema as S  # noqa: E402
+from dnr_tf import config_io, quiet
+from dnr_tf import schema as S
+from dnr_tf.runs import load_trained
 
 WARMUP_FILE = "tf_serving_warmup_requests"
 WARMUP_REQUESTS = 4
@@ -196,20 +195,40 @@ def export_model(
     return final
 
 
+def _field(number: int, payload: bytes) -> bytes:
+    """One length-delimited protobuf field (wire type 2): tag, varint length, bytes."""
+    out = bytearray()
+    for value in ((number << 3) | 2, len(payload)):
+        while value > 0x7F:
+            out.append((value & 0x7F) | 0x80)
+            value >>= 7
+        out.append(value)
+    return bytes(out) + payload
+
+
+def prediction_log(examples: list[bytes], model_name: str, signature_name: str = "serving_default") -> bytes:
+    """A serialized `tensorflow.serving.PredictionLog` holding one `PredictRequest` on `examples`.
+
+    Written by hand (the wire format of five fields), so that exporting needs no
+    tensorflow-serving-api. Field numbers from tensorflow_serving/apis: PredictionLog.predict_log = 6,
+    PredictLog.request = 1, PredictRequest.model_spec = 1 and inputs = 2 (a map: key 1, value 2),
+    ModelSpec.name = 1 and signature_name = 3. The test parses the result with that package.
+    """
+    import tensorflow as tf
+
+    tensor = tf.make_tensor_proto(examples, dtype=tf.string).SerializeToString()
+    spec = _field(1, model_name.encode()) + _field(3, signature_name.encode())
+    request = _field(1, spec) + _field(2, _field(1, b"examples") + _field(2, tensor))
+    return _field(6, _field(1, request))
+
+
 def write_warmup(path: str, examples: list[bytes], model_name: str = "dnr") -> None:
     """TF Serving warmup: `PredictionLog` records of `serving_default` requests, as a TFRecord file."""
     import tensorflow as tf
-    from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
 
     with tf.io.TFRecordWriter(path) as writer:
         for start in range(0, len(examples), 2):
-            batch = examples[start : start + 2]
-            request = predict_pb2.PredictRequest(
-                model_spec=model_pb2.ModelSpec(name=model_name, signature_name="serving_default")
-            )
-            request.inputs["examples"].CopyFrom(tf.make_tensor_proto(batch, dtype=tf.string))
-            log = prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request))
-            writer.write(log.SerializeToString())
+            writer.write(prediction_log(examples[start : start + 2], model_name))
 
 
 def read_examples(data_dir: str, split: str = "valid", n: int = WARMUP_REQUESTS) -> list[bytes]:
@@ -223,33 +242,6 @@ def read_examples(data_dir: str, split: str = "valid", n: int = WARMUP_REQUESTS)
         return []
     ds = tf.data.TFRecordDataset(files, compression_type="GZIP").take(n)
     return [bytes(x.numpy()) for x in ds]
-
-
-def load_trained(model_dir: str):
-    """The DNR model of a run directory, with its best weights; (model, config, schema)."""
-    import numpy as np
-
-    from dnr_tf.train import build_model, load_run
-
-    cfg, vocab, schema = load_run(model_dir)
-    weights = os.path.join(model_dir, "best.weights.h5")
-    if not os.path.exists(weights):
-        raise FileNotFoundError(f"{weights} not found: the run has not finished an epoch")
-    n = schema.list_size
-    dummy = {
-        S.ITEM_IDS: np.ones((1, n), np.int64) * vocab[0],
-        S.RETRIEVER_SCORES: np.full((1, n), 0.5, np.float32),
-        S.HISTORY: np.zeros((1, schema.history_len), np.int64),
-        S.USER_ID: np.ones((1,), np.int64),
-    }
-    calibration = None
-    if os.path.exists(os.path.join(model_dir, "calibration.json")):
-        with open(os.path.join(model_dir, "calibration.json")) as f:
-            c = json.load(f)
-        calibration = [c["beta_given_z0"], c["beta_given_z1"]]
-    model = build_model(cfg, vocab, schema, dummy, calibration)
-    model.load_weights(weights)
-    return model, cfg, schema
 
 
 def export_run(model_dir: str, export_dir: str, version: int | None = None, data_dir: str | None = None) -> str:
@@ -271,11 +263,13 @@ def export_run(model_dir: str, export_dir: str, version: int | None = None, data
 
 
 def main(argv=None) -> int:
+    quiet.configure(quiet.verbose_flag(argv))  # before TensorFlow is imported
     parser = argparse.ArgumentParser(prog="python -m dnr_tf.export", description=__doc__.split("\n")[0])
     parser.add_argument("--model_dir", required=True, help="a run directory of `python -m dnr_tf.train`")
     parser.add_argument("--export_dir", required=True, help="saved_models/<model_name>")
     parser.add_argument("--version", type=int, help="integer version (default: the next free one)")
     parser.add_argument("--data_dir", help="records for the warmup file (default: the run's data)")
+    parser.add_argument("--verbose", action="store_true", help="show TensorFlow's, Keras' and absl's own logs too")
     args = parser.parse_args(argv)
     try:
         path = export_run(args.model_dir, args.export_dir, args.version, args.data_dir)

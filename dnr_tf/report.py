@@ -275,8 +275,8 @@ def density_figure(results, datasets, path: str) -> bool:
     from keras import ops
 
     from dnr_tf import schema as schema_lib
-    from dnr_tf.export import load_trained
     from dnr_tf.noise import HeuristicSampler
+    from dnr_tf.runs import load_trained
     from dnr_tf.train import datasets as make_datasets
     from dnr_tf.train import score_calibration
 

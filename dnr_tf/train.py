@@ -4,8 +4,9 @@ Example:
     python -m dnr_tf.train --config configs/ml100k_dnr_b.yaml --data_dir data/ml100k \\
         --model_dir runs/ml100k_dnr_b --set train.epochs=5 --set dnr.lambda_c=0.5
 
-Writes into `--model_dir`: `config.yaml` (resolved), `logs/` (TensorBoard), `backup/` (while
-running: `BackupAndRestore`, so a killed run resumes where it was with the same command),
+Writes into `--model_dir`: `config.yaml` (resolved), `logs/` (TensorBoard), `backup/` (only while
+running: `BackupAndRestore`, so a killed run resumes where it was with the same command; removed
+when the run finishes),
 `best.weights.h5` and `best.json` (the epoch with the best validation metric), and `metrics.json`
 (validation and test metrics of the best model, seconds per epoch, the history).
 
@@ -25,12 +26,11 @@ import shutil
 import sys
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import yaml
 
-import yaml  # noqa: E402
-
-from dnr_tf import config_io, distribute  # noqa: E402  (distribute imports TensorFlow only when called)
-from dnr_tf.config import ExperimentConfig  # noqa: E402
+from dnr_tf import config_io, config_keys, distribute, quiet  # distribute imports TensorFlow only when called
+from dnr_tf.config import ExperimentConfig
+from dnr_tf.runs import build_model, read_vocab
 
 FEATURES = ("item_ids", "retriever_scores", "history", "user_id")
 
@@ -62,23 +62,17 @@ def parse_args(argv=None) -> tuple[ExperimentConfig, str, str, str | None, dict]
         metavar="N",
         help="with --strategy mirrored and no GPU: split the CPU into N logical devices, one replica each",
     )
+    parser.add_argument(
+        "--list_keys",
+        action=config_keys.list_keys_action(ExperimentConfig),
+        help="print every config key (for --set) with its default and meaning, and exit",
+    )
+    parser.add_argument("--verbose", action="store_true", help="show TensorFlow's, Keras' and absl's own logs too")
     args = parser.parse_args(argv)
     data = config_io.apply_overrides(config_io.load_yaml(args.config), args.set)
     cfg = config_io.from_dict(ExperimentConfig, data)
     export = None if args.export is None else (args.export or os.path.join("saved_models", cfg.name))
     return cfg, args.data_dir, args.model_dir, export, {"strategy": args.strategy, "cpu_replicas": args.cpu_replicas}
-
-
-def read_vocab(directory: str) -> list[int]:
-    """The item vocabulary of a pipeline output (or of a run, which keeps a copy)."""
-    path = os.path.join(directory, "item_vocab.txt")
-    if not os.path.exists(path):
-        raise FileNotFoundError(
-            f"{path} not found: expected an output directory of `python -m pipeline.run` "
-            "(or a run directory of `python -m dnr_tf.train`)"
-        )
-    with open(path) as f:
-        return [int(line) for line in f if line.strip()]
 
 
 def split_sizes(data_dir: str) -> dict[str, int]:
@@ -251,18 +245,6 @@ def resumed_epochs(model_dir: str) -> int:
         return int(json.load(f).get("epoch", 0))
 
 
-def load_run(model_dir: str):
-    """(config, item vocabulary, record schema) of a run directory that `train` wrote."""
-    from dnr_tf import schema as schema_lib
-
-    path = os.path.join(model_dir, "config.yaml")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found: --model_dir must be a run directory of `python -m dnr_tf.train`")
-    data = config_io.load_yaml(path)
-    data.pop("data_dir", None)
-    return config_io.from_dict(ExperimentConfig, data), read_vocab(model_dir), schema_lib.load_schema(model_dir)
-
-
 def score_calibration(train_ds) -> list[list[float]]:
     """[[a0, b0], [a1, b1]]: a Beta per label fitted by moments to the real x of the train split."""
     import numpy as np
@@ -284,22 +266,6 @@ def score_calibration(train_ds) -> list[list[float]]:
     return params
 
 
-def build_model(cfg: ExperimentConfig, item_vocab, schema, example_features, calibration=None):
-    import keras
-
-    from dnr_tf.model import DNRModel
-
-    keras.utils.set_random_seed(cfg.train.seed)
-    model = DNRModel(cfg, item_vocab, schema.list_size, calibration=calibration, name="dnr")
-    if cfg.train.weight_decay > 0:
-        optimizer = keras.optimizers.AdamW(cfg.train.learning_rate, weight_decay=cfg.train.weight_decay)
-    else:
-        optimizer = keras.optimizers.Adam(cfg.train.learning_rate)
-    model.compile(optimizer=optimizer)
-    model.build_all(example_features)
-    return model
-
-
 def train(
     cfg: ExperimentConfig,
     data_dir: str,
@@ -309,6 +275,9 @@ def train(
     cpu_replicas: int = 0,
 ) -> dict:
     """Trains, picks the best epoch on validation, evaluates it on test; returns `metrics.json`.
+
+    `verbose`: None prints a short line per epoch and progress inside it (`dnr_tf.progress`); an
+    integer is Keras' own `fit` verbosity instead (0: silent).
 
     `strategy`, `cpu_replicas`: see `dnr_tf.distribute`. A worker other than the chief writes its
     files under `<model_dir>/workers/<task>-<index>/` and returns its own copy of the metrics.
@@ -322,6 +291,7 @@ def train(
     import keras
 
     from dnr_tf import callbacks as cb
+    from dnr_tf import progress
     from dnr_tf import schema as schema_lib
     from dnr_tf.model import NONFINITE_TERMS, SamplerSchedule
 
@@ -399,15 +369,15 @@ def train(
         keras.callbacks.TensorBoard(os.path.join(model_dir, "logs"), histogram_freq=0),
         cb.ScoreHistograms(os.path.join(model_dir, "logs", "scores"), example, next(iter(train_ds))[1]),
     ]
-    if verbose is None:
-        verbose = 1 if sys.stdout.isatty() else 2
+    if verbose is None and chief:
+        callbacks.append(progress.EpochLine(cfg.train.epochs, monitor, steps_per_epoch))
     start = time.time()
     history = model.fit(
         train_ds,
         validation_data=valid_ds,
         epochs=early.epochs_to_run(cfg.train.epochs),
         callbacks=callbacks,
-        verbose=verbose,
+        verbose=verbose or 0,
         steps_per_epoch=steps_per_epoch,
     )
     wall = time.time() - start
@@ -462,13 +432,22 @@ def print_table(result: dict) -> None:
     for split in ("valid", "test"):
         print(f"{split:6s} " + " ".join(f"{result[split].get(k, float('nan')):8.4f}" for k in keys))
     secs = result["seconds_per_epoch"]
-    if secs:
-        print(f"seconds per epoch: median {sorted(secs)[len(secs) // 2]:.1f}")
+    if len(secs) > 1:
+        steady = sorted(secs[1:])[len(secs[1:]) // 2]
+        first = f"the first, with start-up: {secs[0]:.1f}"
+        print(f"seconds per epoch: median {steady:.1f} over epochs 2-{len(secs)} ({first})")
+    elif secs:
+        print(f"seconds per epoch: {secs[0]:.1f} (one epoch, start-up included)")
 
 
 def main(argv=None) -> int:
+    quiet.configure(quiet.verbose_flag(argv))  # before TensorFlow is imported
     try:
         cfg, data_dir, model_dir, export_dir, dist = parse_args(argv)
+        from dnr_tf.progress import phase_warning  # imports Keras, so after quiet.configure
+
+        if warning := phase_warning(cfg):
+            print(warning, file=sys.stderr, flush=True)
         result = train(cfg, data_dir, model_dir, **dist)
     except (config_io.ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

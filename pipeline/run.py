@@ -7,7 +7,7 @@ Example:
 Arguments this module does not know are Beam pipeline options and pass through untouched, so
 `--runner FlinkRunner ...` or `--runner DataflowRunner --project ... --temp_location ...` run the
 same code elsewhere. Writes `train|valid|test-*.tfrecord.gz`, `schema.json`, `stats.json`,
-`item_vocab.txt`, `user_vocab.txt`, `rejects-*.jsonl` and `retriever/` into `--output_dir`.
+`schema.pbtxt`, `item_vocab.txt`, `user_vocab.txt`, `rejects-*.jsonl` and `retriever/` into `--output_dir`.
 """
 
 from __future__ import annotations
@@ -19,9 +19,7 @@ import os
 import sys
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-from dnr_tf import config_io
+from dnr_tf import config_io, config_keys, quiet, tfmd
 from dnr_tf import schema as S
 from pipeline.config import SOURCES, PipelineConfig
 
@@ -44,6 +42,12 @@ def parse_args(argv=None) -> tuple[PipelineConfig, str, list[str]]:
     parser.add_argument("--config", help="YAML file of PipelineConfig values")
     parser.add_argument("--protocol", choices=("cascade", "paper"), help="list construction (default cascade)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    parser.add_argument("--verbose", action="store_true", help="show TensorFlow's and Beam's own logs too")
+    parser.add_argument(
+        "--list_keys",
+        action=config_keys.list_keys_action(PipelineConfig),
+        help="print every config key (for --set) with its default and meaning, and exit",
+    )
     args, beam_args = parser.parse_known_args(argv)
     data = config_io.load_yaml(args.config) if args.config else {}
     for key in ("source", "input", "protocol"):
@@ -59,7 +63,7 @@ def _clean_outputs(output_dir: str) -> None:
     import tensorflow as tf
 
     tf.io.gfile.makedirs(output_dir)
-    for pattern in ("train-*", "valid-*", "test-*", "rejects-*", "stats.json", "schema.json", "*_vocab.txt"):
+    for pattern in ("train-*", "valid-*", "test-*", "rejects-*", "stats.json", "schema.*", "*_vocab.txt"):
         for path in tf.io.gfile.glob(os.path.join(output_dir, pattern)):
             tf.io.gfile.remove(path)
     for sub in ("_work", "retriever"):
@@ -207,13 +211,31 @@ def _run_beam(build, beam_args: list[str], name: str) -> float:
     import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions
 
+    print(f"[pipeline] {name} ...", flush=True)
     start = time.time()
     options = PipelineOptions(beam_args)
     with beam.Pipeline(options=options) as p:
         build(p)
     seconds = time.time() - start
-    print(f"[pipeline] {name}: {seconds:.1f}s", flush=True)
+    print(f"[pipeline] {name}: done in {seconds:.1f}s", flush=True)
     return seconds
+
+
+def _print_counts(stats: dict) -> None:
+    """One progress line with what the stage just counted."""
+    counts, rejected = stats.get("counts", {}), sum(stats.get("rejects", {}).values())
+    if "interactions_after_kcore" in counts:
+        print(
+            f"[pipeline]   {counts.get('interactions_read', 0)} interactions read, {rejected} rejected, "
+            f"{counts['interactions_after_kcore']} after the k-core filter ({counts.get('users_after_kcore')} users, "
+            f"{counts.get('items_after_kcore')} items)",
+            flush=True,
+        )
+    splits = stats.get("splits", {})
+    if splits:
+        built = ", ".join(f"{s} {splits[s].get('lists', 0)}" for s in ("train", "valid", "test") if s in splits)
+        dropped = stats.get("lists", {}).get("dropped_no_positive", 0)
+        print(f"[pipeline]   lists: {built}; {dropped} without positive dropped", flush=True)
 
 
 def run(argv=None) -> dict:
@@ -249,6 +271,7 @@ def run_config(cfg: PipelineConfig, output_dir: str, beam_args: list[str] | None
             "stage 1 (read, validate, k-core)",
         )
         stats_lib.merge_into(stats, _read_lines(stages.work_path(output_dir, "stats-stage1*")))
+        _print_counts(stats)
         check_reject_share(stats, cfg, output_dir)
         counts = stats.get("counts", {})
         if not counts.get("interactions_after_kcore"):
@@ -302,6 +325,7 @@ def run_config(cfg: PipelineConfig, output_dir: str, beam_args: list[str] | None
             "stage 2 (candidates, labels, split, TFRecords)",
         )
         stats_lib.merge_into(stats, _read_lines(stages.work_path(output_dir, "stats-stage2*")))
+        _print_counts({"splits": stats.get("splits", {}), "lists": stats.get("lists", {})})
     else:
         timings["stage_seconds"] = _run_beam(
             lambda p: stages.logged_stage(p, reader, cfg, output_dir, schema, dedupe=cfg.source == "logged"),
@@ -309,6 +333,7 @@ def run_config(cfg: PipelineConfig, output_dir: str, beam_args: list[str] | None
             "lists (read, validate, split, TFRecords)",
         )
         stats_lib.merge_into(stats, _read_lines(stages.work_path(output_dir, "stats*")))
+        _print_counts(stats)
         check_reject_share(stats, cfg, output_dir)
 
     splits = stats.get("splits", {})
@@ -330,6 +355,7 @@ def run_config(cfg: PipelineConfig, output_dir: str, beam_args: list[str] | None
     S.write_schema(schema, output_dir)
     kind = cfg.retriever.kind if interactions else cfg.source
     stats["retrievers"] = stats_lib.retriever_summary(stats, kind, has_retrained)
+    tfmd.write_tfmd(schema, output_dir)  # the same contract as a tensorflow_metadata Schema (TFX, TFDV)
     timings["total_seconds"] = time.time() - start
     stats["timings"] = timings
     _write_json(os.path.join(output_dir, "stats.json"), stats)
@@ -365,7 +391,7 @@ def _remove_work(output_dir: str) -> None:
 def print_summary(stats: dict, output_dir: str) -> None:
     """A short table of what was built: lists per split and the order baselines on test."""
     k = stats["config"]["k"]
-    print(f"[pipeline] wrote {output_dir}/ (stats.json, schema.json, *.tfrecord.gz)")
+    print(f"[pipeline] wrote {output_dir}/ (stats.json, schema.json, schema.pbtxt, *.tfrecord.gz)")
     counts = stats.get("counts", {})
     if "interactions_after_kcore" in counts:
         print(
@@ -377,8 +403,12 @@ def print_summary(stats: dict, output_dir: str) -> None:
     print(f"  rejected records: {rejected}")
     lists = stats.get("lists", {})
     if lists:
-        requests, dropped = lists.get("requests", "-"), lists.get("dropped_no_positive", 0)
-        print(f"  lists: {requests} requests, {dropped} without positive dropped")
+        dropped = lists.get("dropped_no_positive", 0)
+        kept = sum(s.get("lists", 0) for s in stats.get("splits", {}).values())
+        # Interaction sources count requests; logged and synthetic lists arrive as lists (counts.lists_read).
+        requests = lists.get("requests", counts.get("lists_read"))
+        made = f"{requests} requests, " if "requests" in lists else f"{requests} lists read, " if requests else ""
+        print(f"  lists: {made}{dropped} without positive dropped, {kept} kept")
     ret, rand = f"ret ndcg@{k}", f"rand ndcg@{k}"
     print(f"  {'split':6s} {'lists':>6s} {'pos/list':>8s} {ret:>12s} {rand:>13s} {'score auc':>9s}")
     for split in ("train", "valid", "test"):
@@ -394,9 +424,11 @@ def print_summary(stats: dict, output_dir: str) -> None:
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    verbose = quiet.verbose_flag(argv)
+    quiet.configure(verbose)  # before TensorFlow and Beam are imported
     try:
-        run(argv)
+        run(quiet.beam_args(argv, verbose))
     except (config_io.ConfigError, PipelineError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

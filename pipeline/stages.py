@@ -229,13 +229,20 @@ class _BuildLists(beam.DoFn):
         self._retrained = mf.load_kind(kind, self._retrained_dir) if self._retrained_dir else None
 
     def process(self, kv):
+        # A generator only (no bare `return`): Beam warns about DoFns that mix yield and return.
+        records, counts = self._build(*kv)
+        for name, n in counts.items():
+            yield beam.pvalue.TaggedOutput("counts", (f"lists.{name}", n))
+        yield from records
+
+    def _build(self, user, joined) -> tuple[list, dict]:
+        """(records, counts) of one user's requests."""
         cfg = self._cfg
-        user, joined = kv
         mf_kind = cfg.retriever.kind == "mf"
         lines = list(joined["timeline"])
         rows = list(joined["user"]) if mf_kind else [(None, None)]
         if not lines:
-            return  # a user of the retriever's window without a timeline (cannot happen: both come from stage 1)
+            return [], {}  # a user of the retriever's window without a timeline (cannot happen: both come from stage 1)
         if len(lines) != 1 or len(rows) != 1:
             raise ValueError(f"user {user}: {len(lines)} timelines and {len(rows)} retriever rows (expected 1 and 1)")
         _, timeline = timeline_from_json(lines[0])
@@ -276,9 +283,7 @@ class _BuildLists(beam.DoFn):
                 history_len=cfg.history_len,
                 list_size=cfg.list_size,
             )
-        for name, n in counts.items():
-            yield beam.pvalue.TaggedOutput("counts", (f"lists.{name}", n))
-        yield from records
+        return records, counts
 
 
 def lists_stage(

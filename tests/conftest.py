@@ -63,3 +63,24 @@ def synthetic_data(tmp_path_factory):
         ]
     )
     return out, stats
+
+
+@pytest.fixture(scope="session")
+def smoke_run(synthetic_data, tmp_path_factory):
+    """configs/smoke.yaml (DNR-B, 2 epochs) trained once on `synthetic_data` and exported once.
+
+    Shared by the training, export and serving tests, which only read it (the suite's time: one
+    training and one export instead of three and two). A dict: `run` (run directory), `result`
+    (what `train` returned), `export` (the SavedModel path, version 1), `data_dir`.
+    """
+    from dnr_tf import config_io
+    from dnr_tf.config import ExperimentConfig
+    from dnr_tf.export import export_run
+    from dnr_tf.train import train
+
+    data_dir, _ = synthetic_data
+    tmp = tmp_path_factory.mktemp("smoke_run")
+    cfg = config_io.from_dict(ExperimentConfig, config_io.load_yaml(os.fspath(ROOT / "configs/smoke.yaml")))
+    result = train(cfg, str(data_dir), str(tmp / "run"), verbose=0)
+    path = export_run(str(tmp / "run"), str(tmp / "saved" / "smoke"))
+    return {"run": tmp / "run", "result": result, "export": path, "data_dir": data_dir}

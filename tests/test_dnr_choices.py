@@ -14,7 +14,8 @@ from dnr_tf import schema as S
 from dnr_tf.config import DNRConfig, ExperimentConfig, TrainConfig
 from dnr_tf.model import DNRModel, quantile_gap, targets, x_regulariser
 from dnr_tf.noise import logit_mix
-from dnr_tf.train import build_model, datasets, read_vocab, train
+from dnr_tf.runs import build_model, read_vocab
+from dnr_tf.train import datasets, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(ROOT, "configs", "smoke.yaml")

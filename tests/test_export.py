@@ -12,25 +12,24 @@ import tensorflow as tf
 
 from dnr_tf import schema as S
 from dnr_tf.evaluate import evaluate
-from dnr_tf.export import WARMUP_FILE, export_run, load_trained, next_version, read_examples
-from dnr_tf.train import train
+from dnr_tf.export import WARMUP_FILE, next_version, read_examples
+from dnr_tf.runs import load_trained
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(ROOT, "configs", "smoke.yaml")
 
 
 @pytest.fixture(scope="module")
-def exported(synthetic_data, tmp_path_factory):
-    from dnr_tf import config_io
-    from dnr_tf.config import ExperimentConfig
-
-    data_dir, _ = synthetic_data
-    tmp = tmp_path_factory.mktemp("export")
-    cfg = config_io.from_dict(ExperimentConfig, config_io.load_yaml(SMOKE))
-    train(cfg, str(data_dir), str(tmp / "run"), verbose=0)
-    path = export_run(str(tmp / "run"), str(tmp / "saved" / "smoke"))
-    model, _, schema = load_trained(str(tmp / "run"))
-    return {"path": path, "run": tmp / "run", "model": model, "schema": schema, "data_dir": data_dir, "tmp": tmp}
+def exported(smoke_run):
+    """The session's smoke run (conftest.py), its export and its best model loaded back."""
+    model, _, schema = load_trained(str(smoke_run["run"]))
+    return {
+        "path": smoke_run["export"],
+        "run": smoke_run["run"],
+        "model": model,
+        "schema": schema,
+        "data_dir": smoke_run["data_dir"],
+    }
 
 
 def _dense_batch(data_dir, n=8):
@@ -125,27 +124,23 @@ def test_fresh_process_without_dnr_tf(exported, tmp_path):
 
 
 def test_saved_model_cli_show_and_run(exported):
+    """The README's own `saved_model_cli` command lines, on this export (only `--dir` replaced)."""
+    from tests.test_readme import readme_commands, readme_inline_commands
+
     cli = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
-    show = subprocess.run([cli, "show", "--dir", exported["path"], "--all"], capture_output=True, text=True, check=True)
+    lines = {w[1]: w for w in readme_commands() + readme_inline_commands() if w[0] == "saved_model_cli"}
+    assert set(lines) == {"show", "run"}
+
+    def as_run(words):
+        words = [cli, *words[1:]]
+        words[words.index("--dir") + 1] = exported["path"]
+        return words
+
+    show = subprocess.run(as_run(lines["show"]), capture_output=True, text=True, check=True)
     for name in ("serving_default", "predict_lists", "examples", "scores", "top_k_item_ids", "top_k_indices"):
         assert name in show.stdout
-    run = subprocess.run(
-        [
-            cli,
-            "run",
-            "--dir",
-            exported["path"],
-            "--tag_set",
-            "serve",
-            "--signature_def",
-            "predict_lists",
-            "--input_exprs",
-            "item_ids=[[1, 2, 3, 0]];retriever_scores=[[0.9, 0.5, 0.1, 0.0]];history=[[4, 5]];user_id=[7]",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+    run = subprocess.run(as_run(lines["run"]), capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
     lines = run.stdout.splitlines()
     indices = lines[lines.index("Result for output key top_k_indices:") + 1]
     ids = lines[lines.index("Result for output key top_k_item_ids:") + 1]
@@ -436,3 +431,24 @@ def test_a_repeated_item_enters_the_top_k_once_in_a_fresh_process(exported, tmp_
         best_copy = int(np.argmax(scores_out[:3]))
         assert sorted(top_ids[:2].tolist()) == sorted([a, b]) and top_ids[2:].tolist() == [0] * 4, top_ids
         assert sorted(top_idx[:2].tolist()) == sorted([best_copy, 3]) and top_idx[2:].tolist() == [-1] * 4, top_idx
+
+
+def test_warmup_without_tensorflow_serving(tmp_path, monkeypatch):
+    """A plain `pip install -e .` has no tensorflow-serving-api: the warmup file is still written, and valid."""
+    from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
+
+    from dnr_tf.export import write_warmup
+
+    examples = [tf.train.Example().SerializeToString(), b"\x01" * 300, b"abc"]
+    for name in [m for m in sys.modules if m.split(".")[0] == "tensorflow_serving"]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "tensorflow_serving", None)  # `import tensorflow_serving` now fails
+    write_warmup(str(tmp_path / WARMUP_FILE), examples, model_name="m")
+    monkeypatch.undo()
+    records = [r.numpy() for r in tf.data.TFRecordDataset(str(tmp_path / WARMUP_FILE))]
+    expected = []
+    for start in (0, 2):
+        request = predict_pb2.PredictRequest(model_spec=model_pb2.ModelSpec(name="m", signature_name="serving_default"))
+        request.inputs["examples"].CopyFrom(tf.make_tensor_proto(examples[start : start + 2], dtype=tf.string))
+        expected.append(prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request)))
+    assert [prediction_log_pb2.PredictionLog.FromString(r) for r in records] == expected

@@ -17,7 +17,8 @@ from dnr_tf import config_io
 from dnr_tf import schema as schema_lib
 from dnr_tf.config import ExperimentConfig
 from dnr_tf.model import masked_bce, targets, x_regulariser
-from dnr_tf.train import build_model, datasets, read_vocab
+from dnr_tf.runs import build_model, read_vocab
+from dnr_tf.train import datasets
 
 TOL = 1e-5
 

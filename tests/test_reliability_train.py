@@ -18,7 +18,8 @@ from dnr_tf import config_io
 from dnr_tf import schema as schema_lib
 from dnr_tf.config import ExperimentConfig
 from dnr_tf.model import NONFINITE_TERMS
-from dnr_tf.train import build_model, datasets, main, read_vocab
+from dnr_tf.runs import build_model, read_vocab
+from dnr_tf.train import datasets, main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(ROOT, "configs", "smoke.yaml")
@@ -103,7 +104,7 @@ def test_skip_policy_finishes_with_finite_weights_and_counts(synthetic_data, tmp
     assert result["skipped_steps"] == 2, "the NaN list is in one batch of each of the 2 epochs"
     assert result["nonfinite_counts"]["L_direct"] == 2
     assert all(np.isfinite(v) for v in result["test"].values())
-    from dnr_tf.export import load_trained
+    from dnr_tf.runs import load_trained
 
     model, _, _ = load_trained(str(run_dir))
     assert all(np.all(np.isfinite(v.numpy())) for v in model.reranker.weights)

@@ -365,8 +365,8 @@ def test_simulator_retrained_view_adds_a_feature_and_changes_nothing_else():
 def test_a_trained_model_is_evaluated_with_the_retrained_scores(tmp_path):
     """End to end: simulator data with the retrained view -> a tiny PRM run (one epoch) -> the `retrained` kind."""
     from dnr_tf.config import ExperimentConfig
-    from dnr_tf.export import load_trained
     from dnr_tf.robustness import evaluate_perturbed
+    from dnr_tf.runs import load_trained
     from dnr_tf.train import datasets, train
     from pipeline.run import run
 

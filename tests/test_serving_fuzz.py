@@ -35,11 +35,6 @@ import time
 
 import pytest
 
-from dnr_tf import config_io
-from dnr_tf.config import ExperimentConfig
-from dnr_tf.export import export_run
-from dnr_tf.train import train
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(ROOT, "configs", "smoke.yaml")
 SEED = 0
@@ -601,13 +596,9 @@ TOTAL_CASES = 537
 
 
 @pytest.fixture(scope="module")
-def export(synthetic_data, tmp_path_factory):
-    """The smoke config trained for one epoch and exported: (SavedModel path, item vocabulary file)."""
-    data_dir, _ = synthetic_data
-    tmp = tmp_path_factory.mktemp("fuzz")
-    data = config_io.apply_overrides(config_io.load_yaml(SMOKE), ["train.epochs=1"])
-    train(config_io.from_dict(ExperimentConfig, data), str(data_dir), str(tmp / "run"), verbose=0)
-    return export_run(str(tmp / "run"), str(tmp / "saved" / "smoke")), tmp / "run" / "item_vocab.txt"
+def export(smoke_run):
+    """The session's smoke run, exported (conftest.py): (SavedModel path, item vocabulary file)."""
+    return smoke_run["export"], smoke_run["run"] / "item_vocab.txt"
 
 
 def _judge(case, list_size):

@@ -123,7 +123,8 @@ def test_exports_and_serves_like_the_in_memory_model(synthetic_data, tmp_path, b
     from dnr_tf import schema as schema_lib
     from dnr_tf.config import ExperimentConfig
     from dnr_tf.export import export_model
-    from dnr_tf.train import build_model, datasets, read_vocab
+    from dnr_tf.runs import build_model, read_vocab
+    from dnr_tf.train import datasets
 
     data_dir = str(synthetic_data[0])
     schema = schema_lib.load_schema(data_dir)
@@ -143,7 +144,8 @@ def test_geneval_shows_a_proposed_list_and_trains_its_evaluator(synthetic_data):
     from dnr_tf import config_io
     from dnr_tf import schema as schema_lib
     from dnr_tf.config import ExperimentConfig
-    from dnr_tf.train import build_model, datasets, read_vocab
+    from dnr_tf.runs import build_model, read_vocab
+    from dnr_tf.train import datasets
 
     rng = np.random.default_rng(3)
     model = _model("geneval")

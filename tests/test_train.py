@@ -14,7 +14,8 @@ import pytest
 from dnr_tf import config_io
 from dnr_tf import schema as S
 from dnr_tf.config import DNRConfig, ExperimentConfig, ModelConfig, TrainConfig
-from dnr_tf.train import build_model, datasets, main, read_vocab, train
+from dnr_tf.runs import build_model, read_vocab
+from dnr_tf.train import datasets, main, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(ROOT, "configs", "smoke.yaml")
@@ -34,10 +35,10 @@ def _model_and_batch(data_dir, cfg):
     return build_model(cfg, read_vocab(str(data_dir)), schema, features), features, labels
 
 
-def test_smoke_dnr_trains_both_optimizers_and_switches_sampler(synthetic_data, tmp_path):
-    data_dir, _ = synthetic_data
-    cfg = _cfg(lambda_e=1)
-    result = train(cfg, str(data_dir), str(tmp_path / "run"), verbose=0)
+def test_smoke_dnr_trains_both_optimizers_and_switches_sampler(smoke_run):
+    # The session's smoke run (conftest.py): configs/smoke.yaml, lambda_e = 1 of 2 epochs.
+    result, run_dir = smoke_run["result"], smoke_run["run"]
+    assert config_io.load_yaml(os.path.join(run_dir, "config.yaml"))["dnr"]["lambda_e"] == 1
     hist = result["history"]
     assert hist["sampler_phase"] == [0.0, 1.0], "heuristic for lambda_e = 1 epoch, then model-based"
     steps_per_epoch = result["steps"]["reranker"] // 2
@@ -49,11 +50,11 @@ def test_smoke_dnr_trains_both_optimizers_and_switches_sampler(synthetic_data, t
     assert hist["l_x"][1] > 0.0
     for split in ("valid", "test"):
         assert 0.0 < result[split]["ndcg@6"] <= 1.0
-    metrics = json.load(open(tmp_path / "run" / "metrics.json"))
+    metrics = json.load(open(run_dir / "metrics.json"))
     assert metrics["best_epoch"] in (1, 2)
-    assert os.path.exists(tmp_path / "run" / "best.weights.h5")
-    assert not os.path.exists(tmp_path / "run" / "backup"), "the backup is removed at the end of a run"
-    assert glob.glob(str(tmp_path / "run" / "logs" / "scores" / "events.*"))
+    assert os.path.exists(run_dir / "best.weights.h5")
+    assert not os.path.exists(run_dir / "backup"), "the backup is removed at the end of a run"
+    assert glob.glob(str(run_dir / "logs" / "scores" / "events.*"))
 
 
 def test_generator_steps_change_its_weights_only_when_a_term_is_on(synthetic_data):
