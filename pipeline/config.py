@@ -7,7 +7,7 @@ from typing import Literal
 
 from dnr_tf.config_io import check
 
-SOURCES = ("movielens", "csv", "tfds", "synthetic", "logged")
+SOURCES = ("movielens", "csv", "tfds", "synthetic", "logged", "sequences")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +84,7 @@ class PipelineConfig:
 
     Attributes:
         source: one of `SOURCES`.
-        input: file or glob (movielens, csv, logged) or TFDS name (tfds); unused for synthetic.
+        input: file or glob (movielens, csv, logged, sequences) or TFDS name (tfds); unused for synthetic.
         protocol: `cascade` (leak-free, default) or `paper` (appendix C.1; leaks, replication only).
         movielens_format: `auto` (from the file name), `100k` (tab) or `1m` (`::`).
         tfds_data_dir: TFDS data directory (None: the TFDS default).
@@ -106,7 +106,7 @@ class PipelineConfig:
         synthetic: the simulator.
     """
 
-    source: Literal["movielens", "csv", "tfds", "synthetic", "logged"] = "synthetic"
+    source: Literal["movielens", "csv", "tfds", "synthetic", "logged", "sequences"] = "synthetic"
     input: str = ""
     protocol: Literal["cascade", "paper"] = "cascade"
     movielens_format: Literal["auto", "100k", "1m"] = "auto"
@@ -142,5 +142,5 @@ class PipelineConfig:
         check(0.0 < self.paper_retriever_fraction < 1.0, "paper_retriever_fraction", "must be in (0, 1)")
         check(self.output_shards >= 0, "output_shards", "must be >= 0")
         check(0.0 <= self.max_reject_share <= 1.0, "max_reject_share", "must be in [0, 1]")
-        if self.source in ("movielens", "csv", "logged"):
+        if self.source in ("movielens", "csv", "logged", "sequences"):
             check(bool(self.input), "input", f"is required for source {self.source}")
