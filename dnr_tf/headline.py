@@ -32,8 +32,16 @@ import numpy as np
 
 from dnr_tf import report
 
-HEADLINE_ARMS = ("dnr_b", "dnr_g", "calibrated")
-ARM_NAMES = {"direct": "best direct", "dnr_b": "DNR-B", "dnr_g": "DNR-G", "calibrated": "calibrated sampler"}
+# `no_score`: the reranker without the retriever's score, beside the arms: how much the best direct row
+# owes to x at all.
+HEADLINE_ARMS = ("no_score", "dnr_b", "dnr_g", "calibrated")
+ARM_NAMES = {
+    "direct": "best direct",
+    "no_score": "no score",
+    "dnr_b": "DNR-B",
+    "dnr_g": "DNR-G",
+    "calibrated": "calibrated sampler",
+}
 FULL_METRICS = ("hit@6", "ndcg@6", "map@6", "f1@6", "auc")
 
 

@@ -7,7 +7,7 @@ from typing import Literal
 
 from dnr_tf.config_io import check
 
-SOURCES = ("movielens", "csv", "tfds", "synthetic", "logged")
+SOURCES = ("movielens", "csv", "tfds", "synthetic", "logged", "sequences")
 RETRIEVER_KINDS = ("mf", "item2item")
 
 
@@ -142,7 +142,7 @@ class PipelineConfig:
 
     Attributes:
         source: one of `SOURCES`.
-        input: file or glob (movielens, csv, logged) or TFDS name (tfds); unused for synthetic.
+        input: file or glob (movielens, csv, logged, sequences) or TFDS name (tfds); unused for synthetic.
         protocol: `cascade` (leak-free, default) or `paper` (appendix C.1; leaks, replication only).
         movielens_format: `auto` (from the file name), `100k` (tab) or `1m` (`::`).
         tfds_data_dir: TFDS data directory (None: the TFDS default).
@@ -165,7 +165,7 @@ class PipelineConfig:
         synthetic: the simulator.
     """
 
-    source: Literal["movielens", "csv", "tfds", "synthetic", "logged"] = "synthetic"
+    source: Literal["movielens", "csv", "tfds", "synthetic", "logged", "sequences"] = "synthetic"
     input: str = ""
     protocol: Literal["cascade", "paper"] = "cascade"
     movielens_format: Literal["auto", "100k", "1m"] = "auto"
@@ -218,5 +218,5 @@ class PipelineConfig:
                 "retrained.keep_fraction",
                 "must be below 1 for item2item (it has no seed: on the same pairs it would copy the main retriever)",
             )
-        if self.source in ("movielens", "csv", "logged"):
+        if self.source in ("movielens", "csv", "logged", "sequences"):
             check(bool(self.input), "input", f"is required for source {self.source}")

@@ -150,6 +150,10 @@ def _interaction_reader(cfg: PipelineConfig):
             for p in paths:
                 interactions.detect_movielens_format(p)
         return files.ReadNumbered(path, interactions.parse_movielens(cfg.movielens_format))
+    if cfg.source == "sequences":
+        from pipeline.sources.sequences import ReadSequences
+
+        return ReadSequences(cfg.input)
     reader = files.ReadNumbered(cfg.input, interactions.parse_csv)
     for p in files.expand_input(cfg.input):
         _check_csv_header(p)
@@ -253,7 +257,7 @@ def run_config(cfg: PipelineConfig, output_dir: str, beam_args: list[str] | None
     beam_args = list(beam_args or [])
     config_io.check_output_dir(output_dir, "--output_dir")
     start = time.time()
-    interactions = cfg.source in ("movielens", "csv", "tfds")
+    interactions = cfg.source in ("movielens", "csv", "tfds", "sequences")
     reader = _interaction_reader(cfg) if interactions else _lists_reader(cfg)
     _clean_outputs(output_dir)
     has_oracle = cfg.source == "synthetic"
