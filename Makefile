@@ -39,4 +39,4 @@ lint: venv
 	$(VENV)/bin/ruff check dnr_tf pipeline tests
 
 clean:
-	rm -rf $(VENV) data runs reports .pytest_cache
+	rm -rf $(VENV) data runs .pytest_cache  # never reports/: it holds the committed study results
