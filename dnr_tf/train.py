@@ -5,7 +5,7 @@ Example:
         --model_dir runs/ml100k_dnr_b --set train.epochs=5 --set dnr.lambda_c=0.5
 
 Writes into `--model_dir`: `config.yaml` (resolved), `logs/` (TensorBoard), `backup/` (while
-running: `BackupAndRestore`, so a killed run resumes where it was with the same command),
+running: one commit an epoch, `callbacks.RunBackup`, so a killed run resumes with the same command),
 `best.weights.h5` and `best.json` (the epoch with the best validation metric), and `metrics.json`
 (validation and test metrics of the best model, seconds per epoch, the history).
 
