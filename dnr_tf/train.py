@@ -313,9 +313,10 @@ def train(
     monitor = f"val_{cfg.train.monitor}"
     best = cb.BestWeights(model_dir, monitor)
     backup = cb.RunBackup(backup_dir, best)  # first: it restores the model and owns the best epoch
+    heuristic_epochs = cfg.dnr.lambda_e if cfg.dnr.model_based else 10**9
     callbacks = [
         backup,
-        SamplerSchedule(cfg.dnr.lambda_e if cfg.dnr.model_based else 10**9),
+        SamplerSchedule(heuristic_epochs),
         cb.NonFiniteGuard(cfg.train.on_nonfinite),
         keras.callbacks.TensorBoard(os.path.join(model_dir, "logs"), histogram_freq=0),
         cb.ScoreHistograms(os.path.join(model_dir, "logs", "scores"), example, next(iter(train_ds))[1]),
@@ -340,6 +341,8 @@ def train(
     }
     skipped = int(model.skipped_steps.numpy())
     nonfinite = dict(zip(NONFINITE_TERMS, (int(v) for v in model.nonfinite_counts.numpy())))
+    # The last epoch's sampler, as in an uninterrupted run, also for a resume that had no epoch left.
+    model.set_sampler_phase(backup.epoch > heuristic_epochs)
     best.restore(model)
     valid = _evaluate(model, valid_ds)
     test = _evaluate(model, test_ds)
