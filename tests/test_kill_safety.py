@@ -140,8 +140,8 @@ def test_a_full_disk_is_one_line_and_the_same_command_resumes(whole_run, tmp_pat
     resumed = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert resumed["best_epoch"] == whole["best_epoch"]
     assert len(resumed["history"]["loss"]) == 3
-    for key, value in whole["test"].items():  # a resumed epoch differs by ~3e-4 (see the test above)
-        assert resumed["test"][key] == pytest.approx(value, rel=1e-2), key
+    for key, value in whole["test"].items():  # a redone epoch is not bit-identical (see the test above)
+        assert resumed["test"][key] == pytest.approx(value, abs=5e-3), key
 
 
 def test_a_model_dir_with_a_run_is_never_silently_reused(synthetic_data, tmp_path, capsys):
