@@ -1,4 +1,4 @@
-"""Training callbacks: best-epoch weights that survive a resume, epoch timing, score histograms."""
+"""Training callbacks: the run's backup (best epoch, random states), epoch timing, score histograms."""
 
 from __future__ import annotations
 
@@ -11,45 +11,147 @@ import keras
 import tensorflow as tf
 from keras import ops
 
+from dnr_tf import safe_io
 from dnr_tf import schema as S
 
 
-class BestWeights(keras.callbacks.Callback):
-    """Saves the weights of the epoch with the highest `monitor` (model selection on validation).
+class BestWeights:
+    """The epoch with the highest `monitor` (model selection on validation) and its weights.
 
-    Unlike `ModelCheckpoint(save_best_only=True)`, the best value and epoch are kept in
-    `best.json`, so a run resumed by `BackupAndRestore` does not overwrite a better earlier epoch.
+    Its state (best epoch and value) lives in the run's backup (`RunBackup`), committed with the
+    epoch's weights, so a run killed at any point resumes with the best epoch an uninterrupted run
+    would pick. `best.weights.h5` and `best.json` in the run directory are published copies of the
+    backup's best, written aside and renamed into place.
     """
 
     def __init__(self, model_dir: str, monitor: str):
-        super().__init__()
         self.monitor = monitor
         self.weights_path = os.path.join(model_dir, "best.weights.h5")
         self.state_path = os.path.join(model_dir, "best.json")
         self.best_value, self.best_epoch = -math.inf, None
-        if os.path.exists(self.state_path) and os.path.exists(self.weights_path):
-            with open(self.state_path) as f:
-                state = json.load(f)
-            self.best_value, self.best_epoch = state["value"], state["epoch"]
 
-    def on_epoch_end(self, epoch, logs=None):
+    def update(self, epoch: int, logs: dict) -> bool:
+        """Takes epoch `epoch` (0-based) as the best if its `monitor` is higher; says whether it did."""
         value = (logs or {}).get(self.monitor)
         if value is None:
             raise KeyError(f"monitor {self.monitor!r} not in the epoch's logs: {sorted(logs or {})}")
         value = float(value)
         if value > self.best_value:
             self.best_value, self.best_epoch = value, epoch + 1
-            # Written aside, then renamed: a run killed while writing keeps the previous best.
-            tmp_weights = self.weights_path.replace(".weights.h5", ".tmp.weights.h5")
-            self.model.save_weights(tmp_weights, overwrite=True)
-            os.replace(tmp_weights, self.weights_path)
-            with open(self.state_path + ".tmp", "w") as f:
-                json.dump({"epoch": self.best_epoch, "value": value, "monitor": self.monitor}, f)
-            os.replace(self.state_path + ".tmp", self.state_path)
+            return True
+        return False
+
+    def publish(self, weights: str) -> None:
+        """Makes `best.weights.h5` / `best.json` the copy of `weights` (the best epoch's), unless they are."""
+        if os.path.exists(self.state_path) and os.path.exists(self.weights_path):
+            with open(self.state_path) as f:
+                published = json.load(f)
+            if (published.get("epoch"), published.get("value")) == (self.best_epoch, self.best_value):
+                return
+        safe_io.copy_file(weights, self.weights_path)
+        state = {"epoch": self.best_epoch, "value": self.best_value, "monitor": self.monitor}
+        safe_io.write_json(self.state_path, state)
 
     def restore(self, model) -> None:
         if self.best_epoch is not None:
             model.load_weights(self.weights_path)
+
+
+class RunBackup(keras.callbacks.Callback):
+    """The run's backup, committed once an epoch: what a killed run resumes from with the same command.
+
+    At the end of epoch e: the weights (model and both optimizers) go to `backup/epoch-<e>.weights.h5`;
+    then `backup/state.json`, the commit, names that file and holds the best epoch (and its weights
+    file, kept while it is the best), the states of every random generator of the model (noise,
+    dropout: Keras does not save `SeedGenerator` states), the history and the epoch seconds; then
+    files no longer named are removed and the best is published (`BestWeights.publish`). Every file
+    is written aside and renamed into place, so a kill at any point leaves the previous commit, whose
+    files are all still there: the resumed run redoes at most the epoch it was in and ends as an
+    uninterrupted run would. Put it first among the callbacks, so that it restores the model before
+    any other callback reads it at the start of training. The backup stays after `fit`: `train`
+    removes it once `metrics.json` is written.
+    """
+
+    FILE = "state.json"
+
+    def __init__(self, backup_dir: str, best: BestWeights):
+        super().__init__()
+        self.backup_dir = backup_dir
+        self.best = best
+        self.history: dict[str, list[float]] = {}
+        self.seconds: list[float] = []
+        self.epoch = 0
+        self._best_weights = None
+
+    @staticmethod
+    def completed_epochs(backup_dir: str) -> int:
+        """Epochs committed in a run's backup (0 when it has none)."""
+        path = os.path.join(backup_dir, RunBackup.FILE)
+        if not os.path.exists(path):
+            return 0
+        with open(path) as f:
+            return int(json.load(f)["epoch"])
+
+    def _generators(self):
+        return {v.path: v for v in self.model.variables if v.path.endswith("seed_generator_state")}
+
+    def on_train_begin(self, logs=None):
+        path = os.path.join(self.backup_dir, self.FILE)
+        if not os.path.exists(path):
+            return
+        with open(path) as f:
+            state = json.load(f)
+        if self.model.optimizer is not None and not self.model.optimizer.built:
+            self.model.optimizer.build(self.model.trainable_variables)
+        self.model.load_weights(os.path.join(self.backup_dir, state["weights"]))
+        generators = self._generators()
+        for name, value in state["rng"].items():
+            if name in generators:
+                generators[name].assign(value)
+        self.epoch, self.history, self.seconds = state["epoch"], state["history"], state["seconds"]
+        best = state["best"]
+        self.best.best_epoch, self.best.best_value = best["epoch"], best["value"]
+        self._best_weights = best["weights"]
+        if best["epoch"] is not None:
+            self.best.publish(os.path.join(self.backup_dir, best["weights"]))
+        self.model._initial_epoch = self.epoch  # what keras.callbacks.BackupAndRestore sets, too
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.time()
+
+    def on_epoch_end(self, epoch, logs=None):
+        seconds = time.time() - self._start
+        os.makedirs(self.backup_dir, exist_ok=True)
+        weights = f"epoch-{epoch + 1}.weights.h5"
+        safe_io.save_weights(self.model, os.path.join(self.backup_dir, weights))
+        if self.best.update(epoch, logs):
+            self._best_weights = weights
+        for key, value in (logs or {}).items():
+            self.history.setdefault(key, []).append(float(value))
+        self.seconds.append(seconds)
+        self.epoch = epoch + 1
+        state = {
+            "epoch": self.epoch,
+            "weights": weights,
+            "best": {
+                "epoch": self.best.best_epoch,
+                "value": self.best.best_value,
+                "monitor": self.best.monitor,
+                "weights": self._best_weights,
+            },
+            "rng": {name: v.numpy().tolist() for name, v in self._generators().items()},
+            "history": self.history,
+            "seconds": self.seconds,
+        }
+        safe_io.write_json(os.path.join(self.backup_dir, self.FILE), state)
+        keep = {self.FILE, weights, self._best_weights}
+        for name in os.listdir(self.backup_dir):
+            if name not in keep:
+                path = os.path.join(self.backup_dir, name)
+                if os.path.isfile(path):
+                    os.remove(path)
+        if self.best.best_epoch is not None:
+            self.best.publish(os.path.join(self.backup_dir, self._best_weights))
 
 
 class EpochTimer(keras.callbacks.Callback):
@@ -141,67 +243,6 @@ class NonFiniteGuard(keras.callbacks.Callback):
         )
 
 
-class RngStateBackup(keras.callbacks.Callback):
-    """Saves the states of every random generator of the model (noise, dropout) with each epoch's
-    backup and restores them on resume, so that a resumed run draws what an uninterrupted one draws.
-
-    Keras' `BackupAndRestore` saves weights and optimizer state, not `SeedGenerator` states. Put this
-    callback *before* it: the states of epoch e are written before its weights and metadata, and the
-    file keeps the last two epochs, so a run killed between the two writes (or one that
-    `BackupAndRestore` rolls back to its previous copy) still finds the states of the epoch it
-    resumes from. No callback may draw from the model's generators at the end of an epoch.
-    """
-
-    FILE = "rng_state.json"
-
-    def __init__(self, backup_dir: str):
-        super().__init__()
-        self.path = os.path.join(backup_dir, self.FILE)
-
-    def _generators(self):
-        return {v.path: v for v in self.model.variables if v.path.endswith("seed_generator_state")}
-
-    def _saved(self) -> dict:
-        if not os.path.exists(self.path):
-            return {}
-        with open(self.path) as f:
-            return json.load(f)
-
-    def on_train_begin(self, logs=None):
-        meta = os.path.join(os.path.dirname(self.path), "training_metadata.json")
-        if not os.path.exists(meta):
-            return
-        with open(meta) as f:
-            epoch = str(json.load(f).get("epoch"))
-        saved = self._saved()
-        if epoch not in saved:
-            print(f"warning: no random states saved for epoch {epoch}; the resumed run draws anew", flush=True)
-            return
-        generators = self._generators()
-        for path, state in saved[epoch].items():
-            if path in generators:
-                generators[path].assign(state)
-
-    def on_epoch_end(self, epoch, logs=None):
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        saved = self._saved()
-        saved[str(epoch + 1)] = {path: v.numpy().tolist() for path, v in self._generators().items()}
-        saved = {k: saved[k] for k in sorted(saved, key=int)[-2:]}
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(saved, f)
-        os.replace(tmp, self.path)
-
-
-def _backup_epochs(backup_dir: str) -> int:
-    """Epochs the backup in `backup_dir` has completed (0 without one)."""
-    path = os.path.join(backup_dir, "training_metadata.json")
-    if not os.path.exists(path):
-        return 0
-    with open(path) as f:
-        return int(json.load(f).get("epoch", 0))
-
-
 class EarlyStop(keras.callbacks.Callback):
     """Stops a run once `monitor` has not improved for `patience` epochs (`train.patience`).
 
@@ -210,19 +251,17 @@ class EarlyStop(keras.callbacks.Callback):
     a model-based phase passes lambda_e + patience, so that the phase after the switch gets
     `patience` epochs of its own). `train.epochs` stays the maximum.
 
-    Survives a kill: the counter is not kept in memory alone. Each epoch's monitor value goes to
-    `<backup_dir>/early_stop.json` *before* `BackupAndRestore` writes that epoch (put this callback
-    before it), and a resumed run recomputes the best epoch from the values of the epochs its
-    backup holds, so it stops where an uninterrupted run stops. A run killed after the backup of
-    the epoch that decided the stop has nothing left to train: `epochs_to_run` tells `train` to
-    call `fit` for no further epoch. With `patience` 0 it only counts the epochs run.
+    Survives a kill: the counter is not kept in memory alone. The monitor of every committed epoch
+    is in the backup's history (`RunBackup`, `backup/state.json`), and a resumed run recomputes the
+    best epoch from it, so it stops where an uninterrupted run stops. A run killed after the commit
+    of the epoch that decided the stop has nothing left to train: `epochs_to_run` tells `train` to
+    call `fit` for no further epoch. With `patience` 0 it only counts the epochs run. Put it after
+    `RunBackup`, which restores the history at the start of training.
     """
-
-    FILE = "early_stop.json"
 
     def __init__(self, backup_dir: str, monitor: str, patience: int, min_epochs: int = 0):
         super().__init__()
-        self.path = os.path.join(backup_dir, self.FILE)
+        self.backup_dir = backup_dir
         self.monitor, self.patience, self.min_epochs = monitor, patience, min_epochs
         self.values: list[float] = []  # the monitor of epoch 1, 2, ...
         self.stopped_early = False
@@ -242,14 +281,13 @@ class EarlyStop(keras.callbacks.Callback):
 
     def _load(self) -> None:
         """The values of the epochs the backup holds (none for a fresh run)."""
-        done = _backup_epochs(os.path.dirname(self.path))
-        saved = {}
-        if done and os.path.exists(self.path):
-            with open(self.path) as f:
-                saved = json.load(f)
-        # An epoch without a value (a backup written with early stopping off) never counts as the best.
-        self.values = [float(saved.get(str(e), -math.inf)) for e in range(1, done + 1)]
-        self.epochs_run = done
+        path = os.path.join(self.backup_dir, RunBackup.FILE)
+        history = {}
+        if os.path.exists(path):
+            with open(path) as f:
+                history = json.load(f)["history"]
+        self.values = [float(v) for v in history.get(self.monitor, [])]
+        self.epochs_run = RunBackup.completed_epochs(self.backup_dir)
         self.stopped_early = self.should_stop(self.values, self.patience, self.min_epochs)
 
     def epochs_to_run(self, max_epochs: int) -> int:
@@ -268,11 +306,6 @@ class EarlyStop(keras.callbacks.Callback):
         if value is None:
             raise KeyError(f"monitor {self.monitor!r} not in the epoch's logs: {sorted(logs or {})}")
         self.values = [*self.values[:epoch], float(value)]
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump({str(e): v for e, v in enumerate(self.values, start=1)}, f)
-        os.replace(tmp, self.path)
         if self.should_stop(self.values, self.patience, self.min_epochs):
             self.stopped_early = True
             self.model.stop_training = True

@@ -5,10 +5,16 @@ Example:
         --model_dir runs/ml100k_dnr_b --set train.epochs=5 --set dnr.lambda_c=0.5
 
 Writes into `--model_dir`: `config.yaml` (resolved), `logs/` (TensorBoard), `backup/` (only while
-running: `BackupAndRestore`, so a killed run resumes where it was with the same command; removed
-when the run finishes),
+running: one commit an epoch, `callbacks.RunBackup`, so a killed run resumes with the same command;
+removed when the run finishes),
 `best.weights.h5` and `best.json` (the epoch with the best validation metric), and `metrics.json`
 (validation and test metrics of the best model, seconds per epoch, the history).
+
+A `--model_dir` that holds a run with another config is refused (the error names the keys that
+differ); with the same config the run resumes, or, if it is finished, is left as it is and its
+result printed (exit 0). `--overwrite` starts over: the old run is kept in `.replaced/` until the
+new one has its results (`dnr_tf.run_dir`). Every file is written aside and renamed into place
+(`dnr_tf.safe_io`); docs/reliability.md says what survives a kill or a full disk.
 
 `--strategy mirrored` trains on every local GPU, `--strategy multi_worker` on the cluster that the
 TF_CONFIG environment variable describes (`dnr_tf.distribute`; docs/scaling.md). `train.batch_size`
@@ -22,7 +28,6 @@ import argparse
 import json
 import math
 import os
-import shutil
 import sys
 import time
 
@@ -50,6 +55,11 @@ def parse_args(argv=None) -> tuple[ExperimentConfig, str, str, str | None, dict]
         help="also export the best model for TF Serving (default saved_models/<name>)",
     )
     parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a run already in --model_dir (kept aside until the new run has its results)",
+    )
+    parser.add_argument(
         "--strategy",
         choices=distribute.STRATEGIES,
         default="default",
@@ -72,7 +82,8 @@ def parse_args(argv=None) -> tuple[ExperimentConfig, str, str, str | None, dict]
     data = config_io.apply_overrides(config_io.load_yaml(args.config), args.set)
     cfg = config_io.from_dict(ExperimentConfig, data)
     export = None if args.export is None else (args.export or os.path.join("saved_models", cfg.name))
-    return cfg, args.data_dir, args.model_dir, export, {"strategy": args.strategy, "cpu_replicas": args.cpu_replicas}
+    opts = {"strategy": args.strategy, "cpu_replicas": args.cpu_replicas, "overwrite": args.overwrite}
+    return cfg, args.data_dir, args.model_dir, export, opts
 
 
 def split_sizes(data_dir: str) -> dict[str, int]:
@@ -218,7 +229,7 @@ def check_resume(model_dir: str, data_dir: str, schema) -> None:
     """A run resumed from its backup must see the data it started on: same record shapes and items."""
     from dnr_tf import schema as schema_lib
 
-    if not os.path.exists(os.path.join(model_dir, "backup", "training_metadata.json")):
+    if not os.path.exists(os.path.join(model_dir, "backup", "state.json")):
         return
     if os.path.exists(os.path.join(model_dir, schema_lib.SCHEMA_FILE)):
         before = schema_lib.load_schema(model_dir)
@@ -238,11 +249,9 @@ def check_resume(model_dir: str, data_dir: str, schema) -> None:
 
 def resumed_epochs(model_dir: str) -> int:
     """Epochs a run's backup has completed (0 for a fresh run)."""
-    path = os.path.join(model_dir, "backup", "training_metadata.json")
-    if not os.path.exists(path):
-        return 0
-    with open(path) as f:
-        return int(json.load(f).get("epoch", 0))
+    from dnr_tf.callbacks import RunBackup
+
+    return RunBackup.completed_epochs(os.path.join(model_dir, "backup"))
 
 
 def score_calibration(train_ds) -> list[list[float]]:
@@ -273,6 +282,7 @@ def train(
     verbose: int | None = None,
     strategy: str = "default",
     cpu_replicas: int = 0,
+    overwrite: bool = False,
 ) -> dict:
     """Trains, picks the best epoch on validation, evaluates it on test; returns `metrics.json`.
 
@@ -281,6 +291,8 @@ def train(
 
     `strategy`, `cpu_replicas`: see `dnr_tf.distribute`. A worker other than the chief writes its
     files under `<model_dir>/workers/<task>-<index>/` and returns its own copy of the metrics.
+    `overwrite`: replace a run already in `model_dir` (`dnr_tf.run_dir`). A finished run with the same
+    config is not trained again: its `metrics.json` is returned, with `"already_finished": True`.
     """
     dist = distribute.make_strategy(strategy, cpu_replicas)  # first: before any other TensorFlow work
     chief, worker = distribute.worker_role(strategy)
@@ -291,7 +303,7 @@ def train(
     import keras
 
     from dnr_tf import callbacks as cb
-    from dnr_tf import progress
+    from dnr_tf import progress, run_dir, safe_io
     from dnr_tf import schema as schema_lib
     from dnr_tf.model import NONFINITE_TERMS, SamplerSchedule
 
@@ -305,20 +317,18 @@ def train(
         "is not supported with --strategy (the warm-up runs on one device); set it to 0",
     )
     item_vocab = read_vocab(data_dir)
+    config_text = yaml.safe_dump({**config_io.to_dict(cfg), "data_dir": os.path.abspath(data_dir)}, sort_keys=False)
+    state = run_dir.prepare(model_dir, yaml.safe_load(config_text), overwrite)
     check_resume(model_dir, data_dir, schema)
+    if state == "finished":
+        with open(os.path.join(model_dir, "metrics.json")) as f:
+            return {**json.load(f), "already_finished": True}
     os.makedirs(model_dir, exist_ok=True)
     # The run is self-contained: export and evaluate need its vocabulary and record shapes.
     for name in ("item_vocab.txt", schema_lib.SCHEMA_FILE):
-        shutil.copyfile(os.path.join(data_dir, name), os.path.join(model_dir, name))
-    with open(os.path.join(model_dir, "config.yaml"), "w") as f:
-        yaml.safe_dump({**config_io.to_dict(cfg), "data_dir": os.path.abspath(data_dir)}, f, sort_keys=False)
-
+        safe_io.copy_file(os.path.join(data_dir, name), os.path.join(model_dir, name))
+    safe_io.write_text(os.path.join(model_dir, "config.yaml"), config_text)
     backup_dir = os.path.join(model_dir, "backup")
-    if not os.path.exists(os.path.join(backup_dir, "training_metadata.json")):
-        # A fresh run (not a resume): a finished run's files in the same directory are replaced.
-        for name in ("best.json", "best.weights.h5", "metrics.json"):
-            if os.path.exists(os.path.join(model_dir, name)):
-                os.remove(os.path.join(model_dir, name))
 
     keras.utils.set_random_seed(cfg.train.seed)  # tf.data mixes the global seed into its shuffles
     one_pass, valid_ds, test_ds = datasets(data_dir, cfg, schema, distributed=distributed)
@@ -341,13 +351,16 @@ def train(
         )[0]
     example = next(iter(train_ds))[0]
     if calibration is not None:
-        with open(os.path.join(model_dir, "calibration.json"), "w") as f:
-            json.dump({"beta_given_z0": calibration[0], "beta_given_z1": calibration[1]}, f)
+        safe_io.write_json(
+            os.path.join(model_dir, "calibration.json"),
+            {"beta_given_z0": calibration[0], "beta_given_z1": calibration[1]},
+        )
     with dist.scope():  # both models, both optimizers and every counter are the strategy's variables
         model = build_model(cfg, item_vocab, schema, example, calibration)
     monitor = f"val_{cfg.train.monitor}"
-    timer = cb.EpochTimer()
     best = cb.BestWeights(model_dir, monitor)
+    backup = cb.RunBackup(backup_dir, best)  # first: it restores the model and owns the best epoch
+    heuristic_epochs = cfg.dnr.lambda_e if cfg.dnr.model_based else 10**9
     # A model-based phase gets `patience` epochs after the switch before an early stop may end it.
     switches = model.generator is not None and cfg.dnr.lambda_e < epochs
     early = cb.EarlyStop(backup_dir, monitor, cfg.train.patience, (cfg.dnr.lambda_e + cfg.train.patience) * switches)
@@ -358,21 +371,18 @@ def train(
             warmup_batches, cfg.dnr.generator_warmup_steps, cfg.dnr.lambda_e, seed=cfg.train.seed + 2000
         )
     callbacks = [
-        SamplerSchedule(cfg.dnr.lambda_e if cfg.dnr.model_based else 10**9),
+        backup,
+        SamplerSchedule(heuristic_epochs),
         *([warmup] if warmup else []),
         cb.NonFiniteGuard(cfg.train.on_nonfinite),
-        cb.RngStateBackup(backup_dir),  # before BackupAndRestore: see its docstring
-        early,  # before BackupAndRestore: see its docstring
-        keras.callbacks.BackupAndRestore(backup_dir, save_freq="epoch", double_checkpoint=True),
-        best,
-        timer,
+        early,  # after RunBackup: it reads the history the backup restores
         keras.callbacks.TensorBoard(os.path.join(model_dir, "logs"), histogram_freq=0),
         cb.ScoreHistograms(os.path.join(model_dir, "logs", "scores"), example, next(iter(train_ds))[1]),
     ]
     if verbose is None and chief:
         callbacks.append(progress.EpochLine(cfg.train.epochs, monitor, steps_per_epoch))
     start = time.time()
-    history = model.fit(
+    model.fit(
         train_ds,
         validation_data=valid_ds,
         epochs=early.epochs_to_run(cfg.train.epochs),
@@ -390,6 +400,8 @@ def train(
     }
     skipped = int(model.skipped_steps.numpy())
     nonfinite = dict(zip(NONFINITE_TERMS, (int(v) for v in model.nonfinite_counts.numpy())))
+    # The last epoch's sampler, as in an uninterrupted run, also for a resume that had no epoch left.
+    model.set_sampler_phase(backup.epoch > heuristic_epochs)
     best.restore(model)
     valid = _evaluate(model, valid_ds)
     test = _evaluate(model, test_ds)
@@ -404,7 +416,7 @@ def train(
         "monitor": monitor,
         "valid": valid,
         "test": test,
-        "seconds_per_epoch": timer.seconds,
+        "seconds_per_epoch": backup.seconds,
         "train_seconds": wall,
         "steps": steps,
         "calibration": calibration,
@@ -412,10 +424,10 @@ def train(
         "skipped_steps": skipped,
         "nonfinite_counts": nonfinite,
         "strategy": {"name": strategy, "replicas": int(dist.num_replicas_in_sync), "chief": chief},
-        "history": {k: [float(v) for v in vals] for k, vals in history.history.items()},
+        "history": backup.history,  # every epoch's, a resumed run's included (kept in the backup)
     }
-    with open(os.path.join(model_dir, "metrics.json"), "w") as f:
-        json.dump(result, f, indent=2)
+    safe_io.write_json(os.path.join(model_dir, "metrics.json"), result, indent=2)
+    run_dir.finish(model_dir)
     return result
 
 
@@ -452,6 +464,9 @@ def main(argv=None) -> int:
     except (config_io.ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a full disk, say: one line, and the same command resumes once there is space
+        print(f"error: {e}; the same command resumes the run from its last completed epoch", file=sys.stderr)
+        return 2
     except Exception as e:  # noqa: BLE001 - a NonFiniteLoss gets its one line; anything else its traceback
         if type(e).__name__ == "DataLossError":  # a CRC or gzip error while training: name the file
             corrupt = find_corrupt_file(data_dir)
@@ -462,6 +477,8 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 3
     print_table(result)
+    if result.get("already_finished"):
+        print(f"{model_dir} already holds this run, finished; nothing trained (--overwrite trains it again)")
     if not result["strategy"]["chief"]:
         print(f"worker's copy of the run written under {model_dir}/workers/; the chief writes the run and exports")
         return 0

@@ -7,7 +7,9 @@ Example:
 Arguments this module does not know are Beam pipeline options and pass through untouched, so
 `--runner FlinkRunner ...` or `--runner DataflowRunner --project ... --temp_location ...` run the
 same code elsewhere. Writes `train|valid|test-*.tfrecord.gz`, `schema.json`, `stats.json`,
-`schema.pbtxt`, `item_vocab.txt`, `user_vocab.txt`, `rejects-*.jsonl` and `retriever/` into `--output_dir`.
+`schema.pbtxt`, `item_vocab.txt`, `user_vocab.txt`, `rejects-*.jsonl`, `retriever/` and `manifest.json`
+(the list of them) into `--output_dir`. The run builds beside it and publishes only on success, under a
+lock; it never removes a file its manifest does not list (`pipeline.publish`).
 """
 
 from __future__ import annotations
@@ -56,20 +58,6 @@ def parse_args(argv=None) -> tuple[PipelineConfig, str, list[str]]:
     data = config_io.apply_overrides(data, args.set)
     cfg = config_io.from_dict(PipelineConfig, data)
     return cfg, args.output_dir, beam_args
-
-
-def _clean_outputs(output_dir: str) -> None:
-    """Removes a previous run's outputs so that stale shards never mix with new ones."""
-    import tensorflow as tf
-
-    tf.io.gfile.makedirs(output_dir)
-    for pattern in ("train-*", "valid-*", "test-*", "rejects-*", "stats.json", "schema.*", "*_vocab.txt"):
-        for path in tf.io.gfile.glob(os.path.join(output_dir, pattern)):
-            tf.io.gfile.remove(path)
-    for sub in ("_work", "retriever"):
-        path = os.path.join(output_dir, sub)
-        if tf.io.gfile.exists(path):
-            tf.io.gfile.rmtree(path)
 
 
 def check_reject_share(stats: dict, cfg: PipelineConfig, output_dir: str) -> None:
@@ -249,7 +237,41 @@ def run(argv=None) -> dict:
 
 
 def run_config(cfg: PipelineConfig, output_dir: str, beam_args: list[str] | None = None) -> dict:
-    """Runs the pipeline for a resolved config (what `run` does after parsing arguments)."""
+    """Runs the pipeline for a resolved config (what `run` does after parsing arguments).
+
+    Under `output_dir`'s lock, builds into a staging directory beside it and publishes only on
+    success; a failed run leaves `output_dir` as it was (`pipeline.publish`).
+    """
+    import shutil
+
+    from pipeline import publish
+
+    try:
+        publish.check_output(output_dir)
+        lock = publish.acquire(output_dir)
+    except publish.OutputError as e:
+        raise PipelineError(str(e)) from None
+    staging = publish.staging_path(output_dir)
+    try:
+        publish.clean_stale(output_dir)
+        os.makedirs(staging)
+        try:
+            stats = _build(cfg, staging, beam_args)
+        except BaseException as e:
+            kept = publish.keep_for_debugging(staging, output_dir, str(e)) if os.path.isdir(staging) else None
+            if isinstance(e, PipelineError):  # its message names the files kept for the user
+                raise PipelineError(str(e).replace(staging, kept or output_dir)) from None
+            raise
+        publish.publish(staging, output_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        publish.release(lock)
+    print_summary(stats, output_dir)
+    return stats
+
+
+def _build(cfg: PipelineConfig, output_dir: str, beam_args: list[str] | None = None) -> dict:
+    """The pipeline proper, writing into `output_dir` (the staging directory of `run_config`)."""
     from pipeline import retriever as mf
     from pipeline import stages
     from pipeline import stats as stats_lib
@@ -259,7 +281,6 @@ def run_config(cfg: PipelineConfig, output_dir: str, beam_args: list[str] | None
     start = time.time()
     interactions = cfg.source in ("movielens", "csv", "tfds", "sequences")
     reader = _interaction_reader(cfg) if interactions else _lists_reader(cfg)
-    _clean_outputs(output_dir)
     has_oracle = cfg.source == "synthetic"
     has_retrained = cfg.retrained.enabled
     schema = S.RecordSchema(
@@ -364,7 +385,6 @@ def run_config(cfg: PipelineConfig, output_dir: str, beam_args: list[str] | None
     stats["timings"] = timings
     _write_json(os.path.join(output_dir, "stats.json"), stats)
     _remove_work(output_dir)
-    print_summary(stats, output_dir)
     return stats
 
 

@@ -117,7 +117,7 @@ def test_resume_on_other_data_fails_before_any_work(synthetic_data, tmp_path, ca
     assert main(args) == 0
     # A run killed after its first epoch leaves a backup; pretend so, then point it at other data.
     (run_dir / "backup").mkdir()
-    (run_dir / "backup" / "training_metadata.json").write_text(json.dumps({"epoch": 1, "batch": 0}))
+    (run_dir / "backup" / "state.json").write_text(json.dumps({"epoch": 1}))
     other = tmp_path / "other"
     shutil.copytree(data_dir, other)
     vocab = read_vocab(str(other))
@@ -174,25 +174,3 @@ def test_weights_saved_before_the_counters_still_load(synthetic_data):
     assert int(model.sampler_phase.numpy()) == 1
     with pytest.raises(ValueError):
         model.load_own_variables({"0": np.array(1), "1": np.zeros(6), "2": np.array(0), "3": np.array(0)})
-
-
-def test_random_states_survive_a_kill_between_the_two_backup_writes(tmp_path):
-    """RngStateBackup writes epoch e's states before BackupAndRestore writes epoch e's metadata: a run
-    killed in between resumes from e - 1 and must find e - 1's states."""
-    import keras
-
-    from dnr_tf.callbacks import RngStateBackup
-
-    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2), keras.layers.Dropout(0.5, seed=1)])
-    state = model.non_trainable_variables[0]
-    backup = tmp_path / "backup"
-    saver = RngStateBackup(str(backup))
-    saver.set_model(model)
-    for epoch in range(3):
-        state.assign([epoch, 10 * epoch])
-        saver.on_epoch_end(epoch)  # states of epochs 1, 2, 3; the file keeps 2 and 3
-    assert sorted(json.loads((backup / "rng_state.json").read_text())) == ["2", "3"]
-    (backup / "training_metadata.json").write_text(json.dumps({"epoch": 2, "batch": 0}))  # killed before 3's
-    state.assign([99, 99])
-    saver.on_train_begin()
-    assert state.numpy().tolist() == [1, 10], "the states of epoch 2 (saved at its end)"
