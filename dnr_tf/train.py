@@ -309,6 +309,7 @@ def train(
 
     schema = schema_lib.load_schema(data_dir)
     check_schema(cfg, schema)
+    check_resume(model_dir, data_dir, schema)  # before the records are read: names the file that differs
     check_splits(data_dir, schema)
     config_io.check_output_dir(model_dir, "--model_dir")
     config_io.check(

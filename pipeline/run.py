@@ -246,6 +246,7 @@ def run_config(cfg: PipelineConfig, output_dir: str, beam_args: list[str] | None
 
     from pipeline import publish
 
+    config_io.check_output_dir(output_dir, "--output_dir")  # a file, or not writable: one line, before any work
     try:
         publish.check_output(output_dir)
         lock = publish.acquire(output_dir)

@@ -117,7 +117,7 @@ def test_mirrored_replicas_killed_and_resumed_train_like_one_process(synthetic_d
     data_dir, _ = synthetic_data
     args = _train_args(data_dir, tmp_path / "run", "--strategy", "mirrored", "--cpu_replicas", "2")
     proc = subprocess.Popen(args, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    meta = tmp_path / "run" / "backup" / "training_metadata.json"
+    meta = tmp_path / "run" / "backup" / "state.json"  # RunBackup's commit
     deadline = time.time() + 300
     try:
         while time.time() < deadline:

@@ -75,8 +75,9 @@ def test_early_stop_rule_on_constructed_monitor_sequences(values, patience, min_
 def test_early_stop_counter_comes_back_from_the_backup(tmp_path):
     backup = tmp_path / "backup"
     # Killed after epoch 3's backup (values 0.1, 0.3, 0.2): one more bad epoch stops it (patience 2).
-    _run_monitor([0.1, 0.3, 0.2], 2, 0, backup)
-    (backup / "training_metadata.json").write_text(json.dumps({"epoch": 3, "batch": 0}))
+    backup.mkdir()
+    history = {"val_ndcg@6": [0.1, 0.3, 0.2]}
+    (backup / "state.json").write_text(json.dumps({"epoch": 3, "history": history}))  # RunBackup's commit
     resumed = cb.EarlyStop(str(backup), "val_ndcg@6", 2, 0)
     resumed.set_model(_Stub())
     assert resumed.epochs_to_run(10) == 10
@@ -85,7 +86,8 @@ def test_early_stop_counter_comes_back_from_the_backup(tmp_path):
     resumed.on_epoch_end(3, {"val_ndcg@6": 0.25})
     assert resumed.model.stop_training and resumed.stopped_early and resumed.epochs_run == 4
     # Killed after the backup of the epoch that decided the stop: no epoch left to run.
-    (backup / "training_metadata.json").write_text(json.dumps({"epoch": 4, "batch": 0}))
+    history["val_ndcg@6"].append(0.25)
+    (backup / "state.json").write_text(json.dumps({"epoch": 4, "history": history}))
     again = cb.EarlyStop(str(backup), "val_ndcg@6", 2, 0)
     assert again.epochs_to_run(10) == 4 and again.stopped_early
 
@@ -129,7 +131,8 @@ def test_short_run_stops_early_and_a_run_killed_mid_warmup_resumes_to_the_same_e
         train(cfg, str(data_dir), str(tmp_path / "run"), verbose=0)
     monkeypatch.setattr(DNRModel, "warmup_step", original)
     resumed = train(cfg, str(data_dir), str(tmp_path / "run"), verbose=0)
-    assert len(resumed["history"]["loss"]) == 2, "only epochs 3 and 4 ran after the resume"
+    # The history keeps every epoch (RunBackup), the two before the resume included.
+    assert len(resumed["history"]["loss"]) == 4 and resumed["epochs_run"] == 4
     for key in ("stopped_early", "epochs_run", "best_epoch"):
         assert resumed[key] == whole[key], key
     assert resumed["steps"]["generator_warmup"] == 3, "the warm-up redone whole, counted once"

@@ -352,7 +352,7 @@ def test_study_plan_loads_with_equal_budgets_and_its_inputs_exist():
             assert ds.label and (ds.input is None or os.path.exists(ds.input)), name
         assert sorted(n for n, ds in plan.datasets.items() if ds.leaky) == ["beauty_paper", "paper", "sports_paper"]
         arms = {row.arm for row in plan.rows if "headline" in row.tables}
-        assert arms == {"direct", "dnr_b", "dnr_g", "calibrated"}
+        assert arms == {"direct", "no_score", "dnr_b", "dnr_g", "calibrated"}
         for row in plan.rows:
             if "ablation" in row.tables and row.name != "dnr_b":
                 assert row.question and row.reference == "dnr_b" and row.datasets == ("cascade",)

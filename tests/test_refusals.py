@@ -18,7 +18,8 @@ from pipeline.config import PipelineConfig
 def _one_line_error(capsys) -> str:
     err = capsys.readouterr().err
     assert "Traceback" not in err, err
-    lines = [x for x in err.splitlines() if x.strip()]
+    # A warning line may come first (e.g. lambda_e >= epochs); the error itself is one line.
+    lines = [x for x in err.splitlines() if x.strip() and not x.startswith("warning: ")]
     assert len(lines) == 1, err
     assert lines[0].startswith("error: ")
     return lines[0]

@@ -156,8 +156,10 @@ def test_reject_share_above_the_limit_fails_without_tfrecords(tmp_path, capsys):
     assert "Most frequent reasons: item_id_is_not_an_integer 12" in err, err
     assert "rejects-*.jsonl" in err
     assert not list(out.glob("*.tfrecord.gz")), "no TFRecords from a refused run"
-    assert len(read_rejects(out)) == 12, "the rejects are kept to be looked at"
-    assert json.loads((out / "stats.json").read_text())["counts"]["rejected_at_read"] == 12
+    failed = out.parent / f"{out.name}.failed"  # a failed run keeps its rejects beside the output (pipeline.publish)
+    assert str(failed) in err, err
+    assert len(read_rejects(failed)) == 12, "the rejects are kept to be looked at"
+    assert json.loads((failed / "stats.json").read_text())["counts"]["rejected_at_read"] == 12
     # The same input is accepted when the user raises the share.
     stats = run([*args[:-2], "--set", "max_reject_share=0.02", "--output_dir", tmp_path / "accepted"])
     assert sum(stats["rejects"].values()) == 12

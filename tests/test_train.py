@@ -97,8 +97,9 @@ def test_direct_training_has_no_generator_and_no_l_z(synthetic_data, tmp_path):
     assert result["steps"]["generator"] == 0
     assert result["history"]["l_z"] == [0.0, 0.0]
     assert result["history"]["loss"] == pytest.approx(result["history"]["l_direct"])
-    # A second run into the finished directory starts afresh: its best epoch is its own.
-    again = train(_cfg(enabled=False, lambda_m=0.0), str(data_dir), str(tmp_path / "run"), verbose=0)
+    # A second run with another config into the finished directory, on purpose (--overwrite), starts
+    # afresh: its best epoch is its own.
+    again = train(_cfg(enabled=False, lambda_m=0.0), str(data_dir), str(tmp_path / "run"), verbose=0, overwrite=True)
     val = again["history"]["val_ndcg@6"]
     assert len(val) == 2 and again["best_epoch"] == int(np.argmax(val)) + 1
 
