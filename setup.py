@@ -25,7 +25,7 @@ setup(
         "matplotlib",  # the study's figures
     ],
     extras_require={
-        "test": ["pytest", "ruff"],
+        "test": ["pytest", "pytest-xdist", "ruff"],
     },
     license="Apache-2.0",
 )
