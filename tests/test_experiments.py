@@ -357,7 +357,7 @@ def test_study_plan_loads_with_equal_budgets_and_its_inputs_exist():
             if "ablation" in row.tables and row.name != "dnr_b":
                 assert row.question and row.reference == "dnr_b" and row.datasets == ("cascade",)
         works = works_of(plan)
-        assert sum(w.k is not None for w in works) == 122 and len(works) == 390
-        assert budget_table(plan)[-1] == "runs to train: 122 trials + 231 seed runs (37 reuse a trial)"
+        assert sum(w.k is not None for w in works) == 110 and len(works) == 368
+        assert budget_table(plan)[-1] == "runs to train: 110 trials + 223 seed runs (35 reuse a trial)"
     finally:
         os.chdir(cwd)
