@@ -198,11 +198,9 @@ def save(retriever: ItemToItem, directory: str) -> None:
 
 def load(directory: str) -> ItemToItem:
     """Loads the table that `save` wrote (works for any Beam-readable path)."""
-    from apache_beam.io.filesystems import FileSystems
+    from pipeline.retriever import read_npz
 
-    with FileSystems.open(os.path.join(directory, TABLE)) as f:
-        data = np.load(io.BytesIO(f.read()))
-        arrays = {k: data[k] for k in data.files}
+    arrays = read_npz(os.path.join(directory, TABLE))
     return ItemToItem(
         item_ids=arrays["item_ids"],
         neighbors=arrays["neighbors"],

@@ -316,13 +316,18 @@ def parse_user_row(line: str) -> tuple[int, tuple[np.ndarray, float]]:
     return int(user), (np.asarray(emb, np.float32), float(np.float32(bias)))
 
 
-def load(directory: str) -> Retriever:
-    """Loads the item table that `save` wrote (works for any Beam-readable path)."""
+def read_npz(path: str) -> dict:
+    """The arrays of an `.npz` file on any Beam-readable path (np.load needs a seekable file)."""
     from apache_beam.io.filesystems import FileSystems
 
-    with FileSystems.open(os.path.join(directory, TABLES)) as f:
+    with FileSystems.open(path) as f:
         data = np.load(io.BytesIO(f.read()))
-        arrays = {k: data[k] for k in data.files}
+        return {k: data[k] for k in data.files}
+
+
+def load(directory: str) -> Retriever:
+    """Loads the item table that `save` wrote (works for any Beam-readable path)."""
+    arrays = read_npz(os.path.join(directory, TABLES))
     return Retriever(
         item_ids=arrays["item_ids"],
         item_emb=arrays["item_emb"],

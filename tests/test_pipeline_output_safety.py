@@ -12,6 +12,7 @@ import sys
 
 import pytest
 
+from dnr_tf.config_io import ConfigError
 from pipeline import publish
 from pipeline.run import PipelineError, run
 
@@ -99,7 +100,7 @@ def test_outputs_that_no_manifest_lists_are_never_written_over(tmp_path):
         _synthetic(out)
     assert (out / "schema.json").read_text() == "{}"
     (tmp_path / "file").write_text("")
-    with pytest.raises(PipelineError, match="is a file, not a directory"):
+    with pytest.raises(ConfigError, match="is a file, not a directory"):  # checked before the lock, before any work
         _synthetic(tmp_path / "file")
     assert publish.lock_path(str(out)) == str(tmp_path / ".data.lock")
     assert not os.path.exists(publish.lock_path(str(out)))
