@@ -213,23 +213,61 @@ def works_of(plan: Plan, phase: str = "all") -> list[Work]:
     return {"all": trials + finals, "tune": trials, "final": finals}[phase]
 
 
-def ensure_dataset(name: str, ds: Dataset) -> None:
-    """Builds a data set with its pipeline config when its directory has no schema.json yet."""
-    if os.path.exists(os.path.join(ds.dir, "schema.json")):
-        return
-    if not ds.pipeline:
-        raise FileNotFoundError(
-            f"data set {name}: {ds.dir} holds no pipeline output and the plan gives no pipeline config"
-        )
-    from pipeline.run import run as run_pipeline
+def _build_held_elsewhere(directory: str) -> bool:
+    """True while another live process on this host holds the pipeline lock of `directory`."""
+    from pipeline import publish
 
-    print(f"[study] building data set {name} -> {ds.dir}", flush=True)
-    argv = ["--config", ds.pipeline, "--output_dir", ds.dir]
-    if ds.input:
-        argv += ["--input", ds.input]
-    for key, value in (ds.pipeline_set or {}).items():
-        argv += ["--set", f"{key}={json.dumps(value)}"]
-    run_pipeline(argv)
+    try:
+        with open(publish.lock_path(directory)) as f:
+            holder = json.load(f)
+    except (OSError, ValueError):
+        return False
+    pid = holder.get("pid")
+    return isinstance(pid, int) and pid != os.getpid() and publish._alive(pid)
+
+
+def ensure_dataset(name: str, ds: Dataset, poll_s: float = 10.0) -> None:
+    """Builds a data set with its pipeline config when its directory has no schema.json yet.
+
+    Shards share data sets: while another shard's pipeline holds the directory's lock, this one
+    waits for that build instead of failing on the lock.
+
+    Raises:
+        FileNotFoundError: no pipeline output and no pipeline config to build it.
+        RuntimeError: the pipeline ran and left no data set (its own message is printed above).
+    """
+    schema = os.path.join(ds.dir, "schema.json")
+    for attempt in range(2):
+        waited = False
+        while not os.path.exists(schema) and _build_held_elsewhere(ds.dir):
+            if not waited:
+                print(f"[study] data set {name}: another shard is building {ds.dir}; waiting", flush=True)
+                waited = True
+            time.sleep(poll_s)
+        if os.path.exists(schema):
+            return
+        if not ds.pipeline:
+            raise FileNotFoundError(
+                f"data set {name}: {ds.dir} holds no pipeline output and the plan gives no pipeline config"
+            )
+        from pipeline.publish import OutputError
+        from pipeline.run import run as run_pipeline
+
+        print(f"[study] building data set {name} -> {ds.dir}", flush=True)
+        argv = ["--config", ds.pipeline, "--output_dir", ds.dir]
+        if ds.input:
+            argv += ["--input", ds.input]
+        for key, value in (ds.pipeline_set or {}).items():
+            argv += ["--set", f"{key}={json.dumps(value)}"]
+        try:
+            run_pipeline(argv)
+        except OutputError:
+            if attempt == 0 and _build_held_elsewhere(ds.dir):
+                continue  # another shard took the lock between our check and our start: wait for it
+            raise
+        if not os.path.exists(schema):
+            raise RuntimeError(f"data set {name}: the pipeline left no {schema}")
+        return
 
 
 def experiment_config(
@@ -432,9 +470,13 @@ def baselines(plan: Plan, out: str) -> dict:
     from dnr_tf.evaluate import evaluate_orders
 
     path = os.path.join(out, "baselines.json")
-    done = json.load(open(path)) if os.path.exists(path) else {}
+    done = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            done = json.load(f)
     for name, ds in plan.datasets.items():
         if name not in done and any(name in row.datasets for row in plan.rows):
+            ensure_dataset(name, ds)
             done[name] = evaluate_orders(ds.dir, "test")
     with open(path, "w") as f:
         json.dump(done, f, indent=2)
@@ -461,9 +503,6 @@ def run_plan(
     """
     os.makedirs(os.path.join(out, "runs"), exist_ok=True)
     check_configs(plan)
-    for name, ds in plan.datasets.items():
-        if any(name in row.datasets for row in plan.rows):
-            ensure_dataset(name, ds)
     todo = works_of(plan)
     wanted = {w.run for w in works_of(plan, phase)}
     index, count = shard
@@ -474,6 +513,7 @@ def run_plan(
         for i, work in mine:
             if read_result(out, work.run) is not None:
                 continue
+            ensure_dataset(work.dataset, plan.datasets[work.dataset])  # built when first needed, once
             result = do_work(plan, work, out)
             if result is None:
                 waiting.append((i, work))

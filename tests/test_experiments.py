@@ -2,6 +2,7 @@
 
 import json
 import os
+import sys
 
 import pytest
 import yaml
@@ -361,3 +362,32 @@ def test_study_plan_loads_with_equal_budgets_and_its_inputs_exist():
         assert budget_table(plan)[-1] == "runs to train: 110 trials + 223 seed runs (35 reuse a trial)"
     finally:
         os.chdir(cwd)
+
+
+def test_a_shard_waits_for_the_data_set_another_shard_builds(tmp_path):
+    """Two shards need one data set: the second waits on the first's pipeline lock, never fails on it."""
+    import subprocess
+    import threading
+
+    from pipeline import publish
+
+    data = tmp_path / "data"
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        with open(publish.lock_path(str(data)), "w") as f:
+            json.dump({"pid": holder.pid, "host": "h", "started": "now"}, f)
+
+        def other_shard_publishes():
+            data.mkdir()
+            (data / "schema.json").write_text("{}")
+
+        threading.Timer(0.5, other_shard_publishes).start()
+        ds = experiments.Dataset(dir=str(data))  # no pipeline config: building it here would raise
+        experiments.ensure_dataset("d", ds, poll_s=0.05)
+        assert (data / "schema.json").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    # The holder is gone and nothing was published: the shard builds it itself (here: cannot, and says so).
+    with pytest.raises(FileNotFoundError, match="holds no pipeline output"):
+        experiments.ensure_dataset("e", experiments.Dataset(dir=str(tmp_path / "other")), poll_s=0.05)
