@@ -203,6 +203,9 @@ def _run_beam(build, beam_args: list[str], name: str) -> float:
     import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions
 
+    from pipeline import beam_speed
+
+    beam_speed.install()
     print(f"[pipeline] {name} ...", flush=True)
     start = time.time()
     options = PipelineOptions(beam_args)
