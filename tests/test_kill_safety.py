@@ -58,7 +58,10 @@ def whole_run(synthetic_data, tmp_path_factory):
         shutil.copytree(run_dir, snap)
         snaps.append((label, snap))
         tmp = safe_io.temp_path(path)
-        if event == "rename" and os.path.getsize(tmp) > 1:  # killed halfway through writing the file
+        # Killed halfway through writing a file: a weights file and the commit file. (Any temporary
+        # file is ignored by name on resume; one of each kind shows it, every write is killed above.)
+        halfway = name in ("backup/epoch-3.weights.h5", "backup/state.json")
+        if event == "rename" and halfway and os.path.getsize(tmp) > 1:
             cut = root / f"snap{len(snaps):02d}"
             shutil.copytree(run_dir, cut)
             cut_tmp = cut / os.path.relpath(tmp, run_dir)
