@@ -33,7 +33,7 @@ tensorboard: venv
 	$(VENV)/bin/tensorboard --logdir runs
 
 test: venv
-	$(PY) -m pytest -n 2 --dist loadgroup --no-loadscope-reorder tests
+	$(PY) -m pytest -n 2 --dist loadgroup tests
 
 lint: venv
 	$(VENV)/bin/ruff check dnr_tf pipeline tests

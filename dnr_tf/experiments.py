@@ -43,7 +43,7 @@ import shutil
 import sys
 import time
 
-from dnr_tf import config_io, quiet, tuning
+from dnr_tf import config_io, provenance, quiet, tuning
 from dnr_tf.config import ExperimentConfig
 
 PHASES = ("all", "tune", "final")
@@ -351,9 +351,15 @@ def run_one(
         "config": config_io.to_dict(cfg),
         **trained,
         "wall_seconds": time.time() - start,
+        **versions(ds.dir),
     }
     write_result(model_dir, result)
     return result
+
+
+def versions(data_dir: str) -> dict:
+    """`code` and `data`: what a run ran on (`dnr_tf.provenance`)."""
+    return {"code": provenance.code_fingerprint(), "data": provenance.data_fingerprint(data_dir)}
 
 
 def write_result(model_dir: str, result: dict) -> None:
@@ -460,6 +466,7 @@ def failed_trial(plan: Plan, work: Work, out: str, setting: dict, extra: dict, e
         "valid": {},
         "test": {},
         "wall_seconds": 0.0,
+        **versions(plan.datasets[work.dataset].dir),
     }
     write_result(os.path.join(out, "runs", work.run), result)
     return result
@@ -536,6 +543,7 @@ def run_plan(
     results, trials = [], []
     for work in todo:
         (trials if work.k is not None else results).append(read_result(out, work.run))
+    provenance.check_one_version(results + trials)  # no table mixes code or data versions
     summary = {
         "plan": plan.name,
         "plan_path": plan_path,

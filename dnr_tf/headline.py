@@ -64,6 +64,13 @@ def load_summaries(paths: list[str]) -> list[tuple[str, dict]]:
             if missing:
                 raise ValueError(f"{path}: runs[{i}] lacks {missing}")
         out.append((path, summary))
+    # One code version across every file too (each plan's runs were checked when it was collected):
+    # an older report's runs, without a recorded version, do not share a table with the study's.
+    from dnr_tf import provenance
+
+    provenance.check_one_version(
+        [{**run, "dataset": f"{path}:{run['dataset']}"} for path, summary in out for run in summary["runs"]]
+    )
     return out
 
 

@@ -86,35 +86,16 @@ def smoke_run(synthetic_data, tmp_path_factory):
     return {"run": tmp / "run", "result": result, "export": path, "data_dir": data_dir}
 
 
-# --- scheduling on pytest-xdist workers (`make test`: -n 2 --dist loadgroup --no-loadscope-reorder) ---
-# Each file runs whole on one worker (its module fixtures are built once), the files that share a
-# costly session fixture in one group (ML-100K's pipeline: 35 s, built once instead of on each
-# worker), and the slowest groups are handed out first, so that the short ones fill in at the end.
-# Seconds: each file's total on 2026-12-04 (before the cuts of that day; machine otherwise idle).
-SLOWEST_FIRST = {
-    "test_kill_safety.py": 244,
-    "test_distribute.py": 206,
-    "test_train.py": 150,
-    "test_table1_backbones.py": 124,
-    "test_retriever_stream.py": 96,
-    "test_reliability_pipeline.py": 90,
-    "test_sources.py": 88,
-    "test_dnr_choices.py": 77,
-    "test_export.py": 66,
-    "test_fused_step.py": 49 + 20,  # with test_ml100k_pipeline.py: the group "ml100k"
-    "test_bad_input.py": 56,
-    "test_reliability_train.py": 41,
-    "test_retrievers.py": 37,
-    "test_portable_runner.py": 32,
-    "test_experiments.py": 29,
-}
+# --- scheduling on pytest-xdist workers (`make test`: -n 2 --dist loadgroup) ---
+# Each file runs whole on one worker (its module fixtures are built once), and the files that share
+# a costly session fixture form one group: ML-100K's pipeline (35 s) is built once, not on each
+# worker. (Handing the slowest files out first was tried on 2026-12-04: the two heaviest, which start
+# training subprocesses, then ran side by side, and two runs took 15 min 23 s and 15 min 56 s
+# against 13 min 17 s in xdist's own order, the groups with most tests first, which is kept. One
+# run each, on a machine whose speed varies between runs.)
 GROUPS = {"test_ml100k_pipeline.py": "test_fused_step.py"}
 
 
 def pytest_collection_modifyitems(config, items):
-    def group(item):
-        return GROUPS.get(item.path.name, item.path.name)
-
-    items.sort(key=lambda item: (-SLOWEST_FIRST.get(group(item), 0), group(item)))  # stable within a group
     for item in items:
-        item.add_marker(pytest.mark.xdist_group(group(item)))
+        item.add_marker(pytest.mark.xdist_group(GROUPS.get(item.path.name, item.path.name)))

@@ -13,7 +13,7 @@ from dnr_tf.experiments import main
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_tiny_plan_runs_resumes_and_reports(synthetic_data, tmp_path):
+def test_tiny_plan_runs_resumes_and_reports(synthetic_data, tmp_path, capsys):
     data_dir, _ = synthetic_data
     plan = {
         "name": "tiny",
@@ -81,6 +81,16 @@ def test_tiny_plan_runs_resumes_and_reports(synthetic_data, tmp_path):
     assert second.exists() and trial.exists()
     assert len(json.loads((out / "results.json").read_text())["runs"]) == 2
 
+    # Every run records what it ran on; a run of another code version is never collected with them.
+    from dnr_tf import provenance
+
+    for r in json.loads((out / "results.json").read_text())["runs"]:
+        assert r["code"] == provenance.code_fingerprint() and len(r["data"]) == 12
+    old = json.loads(second.read_text())
+    second.write_text(json.dumps({**old, "code": "0123456789ab"}))
+    assert main(args) == 2
+    assert "different versions" in capsys.readouterr().err
+
 
 # Tuning: the runner's logic with training stubbed out (fast); the real tiny run is above.
 
@@ -121,6 +131,7 @@ def stubbed(monkeypatch, tmp_path):
     for name in ("a", "b"):
         (tmp_path / name).mkdir()
         (tmp_path / name / "schema.json").write_text("{}")
+        (tmp_path / name / "stats.json").write_text("{}")
     return calls
 
 
@@ -391,3 +402,27 @@ def test_a_shard_waits_for_the_data_set_another_shard_builds(tmp_path):
     # The holder is gone and nothing was published: the shard builds it itself (here: cannot, and says so).
     with pytest.raises(FileNotFoundError, match="holds no pipeline output"):
         experiments.ensure_dataset("e", experiments.Dataset(dir=str(tmp_path / "other")), poll_s=0.05)
+
+
+def test_fingerprints_follow_training_code_and_data_only(tmp_path):
+    import shutil
+
+    from dnr_tf import provenance
+
+    package = tmp_path / "dnr_tf"
+    shutil.copytree(provenance.PACKAGE, package, ignore=shutil.ignore_patterns("__pycache__"))
+    base = provenance.code_fingerprint(str(package))
+    assert base == provenance.code_fingerprint(str(package)) and len(base) == 12
+    (package / "report.py").write_text((package / "report.py").read_text() + "\n# a table printed otherwise\n")
+    assert provenance.code_fingerprint(str(package)) == base, "report-only modules are not training code"
+    (package / "model.py").write_text((package / "model.py").read_text() + "\n# any change\n")
+    assert provenance.code_fingerprint(str(package)) != base
+
+    same = [{"run": f"r{i}", "dataset": "d", "code": "a", "data": "x"} for i in range(3)]
+    provenance.check_one_version(same)
+    with pytest.raises(ValueError, match=r"code a: 2 runs \(e.g. r0\), b: 1 runs \(e.g. r9\)"):
+        provenance.check_one_version(same[:2] + [{"run": "r9", "dataset": "d", "code": "b", "data": "x"}])
+    with pytest.raises(ValueError, match="data set d: data x: 2 runs"):
+        provenance.check_one_version(same[:2] + [{"run": "r9", "dataset": "d", "code": "a", "data": "y"}])
+    with pytest.raises(ValueError, match="unrecorded: 1 runs"):
+        provenance.check_one_version(same + [{"run": "old", "dataset": "d"}])

@@ -1,0 +1,73 @@
+"""What a study run ran on: fingerprints of the training code and of the data set.
+
+A study's tables must not mix code versions (issue 14): every `result.json` records `code`, a hash
+of the package's training code, and `data`, a hash of its data set's `stats.json` (the counts, the
+retrievers' AUCs and the per-split figures that the pipeline derives from every record). Collecting
+a plan refuses runs whose fingerprints differ (`check_one_version`), naming them, so a table is
+either one version throughout or not written.
+
+The modules that only orchestrate or report (`REPORT_ONLY`) are left out of `code`: changing how a
+plan is scheduled or a table printed does not change what a run computes.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import os
+
+PACKAGE = os.path.dirname(os.path.abspath(__file__))
+REPORT_ONLY = frozenset({"experiments.py", "report.py", "headline.py", "stats.py"})
+
+
+def code_fingerprint(package: str = PACKAGE) -> str:
+    """12 hex digits of a SHA-256 over every training module of `package` (paths and bytes)."""
+    digest = hashlib.sha256()
+    for root, dirs, files in os.walk(package):
+        dirs[:] = sorted(d for d in dirs if d != "__pycache__")
+        for name in sorted(files):
+            rel = os.path.relpath(os.path.join(root, name), package)
+            if not name.endswith(".py") or rel in REPORT_ONLY:
+                continue
+            digest.update(rel.encode() + b"\0")
+            with open(os.path.join(root, name), "rb") as f:
+                digest.update(f.read() + b"\0")
+    return digest.hexdigest()[:12]
+
+
+def data_fingerprint(data_dir: str) -> str:
+    """12 hex digits of a SHA-256 of the data set's stats.json."""
+    with open(os.path.join(data_dir, "stats.json"), "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()[:12]
+
+
+def check_one_version(results: list[dict]) -> None:
+    """Raises ValueError unless all `results` share one `code` and, per data set, one `data`.
+
+    A result without a fingerprint counts as its own version ("unrecorded").
+    """
+    problems = []
+    by_code = collections.defaultdict(list)
+    for r in results:
+        by_code[r.get("code", "unrecorded")].append(r.get("run", "?"))
+    if len(by_code) > 1:
+        problems.append("code " + _versions(by_code))
+    by_data = collections.defaultdict(lambda: collections.defaultdict(list))
+    for r in results:
+        by_data[r.get("dataset", "?")][r.get("data", "unrecorded")].append(r.get("run", "?"))
+    for dataset, versions in sorted(by_data.items()):
+        if len(versions) > 1:
+            problems.append(f"data set {dataset}: data " + _versions(versions))
+    if problems:
+        raise ValueError(
+            "the runs of this plan ran on different versions, so no table mixes them: "
+            + "; ".join(problems)
+            + " (remove the runs of the old version from <out>/runs/ to train them again)"
+        )
+
+
+def _versions(groups: dict) -> str:
+    parts = []
+    for version, runs in sorted(groups.items(), key=lambda kv: -len(kv[1])):
+        parts.append(f"{version}: {len(runs)} runs (e.g. {runs[0]})")
+    return ", ".join(parts)
