@@ -17,7 +17,7 @@ import hashlib
 import os
 
 PACKAGE = os.path.dirname(os.path.abspath(__file__))
-REPORT_ONLY = frozenset({"experiments.py", "report.py", "headline.py", "stats.py"})
+REPORT_ONLY = frozenset({"experiments.py", "report.py", "headline.py", "stats.py", "provenance.py"})
 
 
 def code_fingerprint(package: str = PACKAGE) -> str:
