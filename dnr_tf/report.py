@@ -3,7 +3,7 @@
 Used by `python -m dnr_tf.experiments` at the end of a plan; also
 `python -m dnr_tf.report --out reports/ml100k [--results_md docs/results.md]` to rewrite one study's
 report from its `results.json` alone, and
-`python -m dnr_tf.report --headline reports/*/results.json --out docs/results.md` for the document
+`python -m dnr_tf.report --headline reports/study/results.json --out docs/results.md` for the document
 that opens with the headline table over every study (see `headline`).
 
 Comparisons (`dnr_tf.stats`): the difference of test NDCG@6 between two rows, over the seeds BOTH rows
