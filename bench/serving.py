@@ -30,6 +30,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from bench import peak as peak_lib  # noqa: E402
+
 
 def _records(data_dir: str, n: int) -> list[bytes]:
     files = sorted(glob.glob(os.path.join(data_dir, "test-*.tfrecord.gz")))
@@ -135,7 +137,16 @@ def export_vs_memory(loaded, run_dir: str, records: list[bytes], batches: list[i
     return out
 
 
-def run(model: str, data_dir: str, calls: int, batches: list[int], seconds: float, run_dir: str | None = None) -> dict:
+def run(
+    model: str,
+    data_dir: str,
+    calls: int,
+    batches: list[int],
+    seconds: float,
+    run_dir: str | None = None,
+    peak_size: tuple[int, float] = (2048, 2.0),
+) -> dict:
+    """`peak_size`: (n, seconds) of the peak matmuls (`bench.peak.measure`)."""
     loaded = tf.saved_model.load(model)
     dense_fn = loaded.signatures["predict_lists"]
     examples_fn = loaded.signatures["serving_default"]
@@ -177,6 +188,11 @@ def run(model: str, data_dir: str, calls: int, batches: list[int], seconds: floa
     best = max(row["predict_lists"] for row in result["throughput_lists_per_s"].values())
     flops["achieved_gflops_at_best_batch"] = best * flops["per_list"] / 1e9
     result["flops"] = flops
+    # The machine's measured peak, in this process, and the serving figure as a share of it.
+    result["peak"] = peak_lib.measure(*peak_size)
+    result["flops"]["shares"] = peak_lib.shares(
+        {"predict_lists_at_best_batch": flops["achieved_gflops_at_best_batch"]}, result["peak"]
+    )
     if run_dir:
         result["export_vs_in_memory_lists_per_s"] = export_vs_memory(loaded, run_dir, records, batches, seconds)
     return result
@@ -190,8 +206,8 @@ def main(argv=None) -> int:
     parser.add_argument("--output", default="bench/results/serving.json")
     parser.add_argument("--quick", action="store_true", help="a run under a minute")
     args = parser.parse_args(argv)
-    calls, seconds = (300, 1.0) if args.quick else (2000, 5.0)
-    result = run(args.model, args.data_dir, calls, [1, 16, 64, 256], seconds, args.run_dir)
+    calls, seconds, peak_size = (300, 1.0, (1024, 0.6)) if args.quick else (2000, 5.0, (2048, 2.0))
+    result = run(args.model, args.data_dir, calls, [1, 16, 64, 256], seconds, args.run_dir, peak_size)
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with open(args.output, "w") as f:
         json.dump(result, f, indent=2)
@@ -207,6 +223,12 @@ def main(argv=None) -> int:
     print(
         f"FLOPs of one list of {f['list_size']}: {f['per_list'] / 1e6:.2f} M "
         f"({f['achieved_gflops_at_best_batch']:.1f} GFLOP/s achieved at the best batch)"
+    )
+    share = f["shares"]["predict_lists_at_best_batch"]
+    print(
+        f"measured peak in this process: FP32 {result['peak']['float32_gflops']:.1f}, bf16 "
+        f"{result['peak']['bfloat16_gflops']:.1f} GFLOP/s; serving at {100 * share['share_of_fp32_peak']:.0f}% "
+        f"of FP32 peak, {100 * share['share_of_bf16_peak']:.0f}% of bf16"
     )
     if "export_vs_in_memory_lists_per_s" in result:
         print("export against the same function in memory (lists/s, alternating rounds):")

@@ -34,6 +34,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 
+from bench import peak as peak_lib  # noqa: E402
+
 DIRECT = "configs/ml100k_prm_concat.yaml"
 DNR = "configs/ml100k_dnr_b.yaml"
 # name: (config, overrides, model-based phase)
@@ -153,6 +155,7 @@ def main(argv=None) -> int:
         parser.error(f"--cases: unknown {unknown}" if unknown else "--cases must include direct (the baseline)")
     rounds, steps = (2, 5) if args.quick else (args.rounds, args.steps)
     result = run(args.data_dir, names, rounds, steps, args.batches)
+    result["peak"] = peak_lib.measure(*((1024, 0.6) if args.quick else (2048, 2.0)))  # same process
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with open(args.output, "w") as f:
         json.dump(result, f, indent=2)

@@ -32,3 +32,31 @@ def test_ml1m_like_file_has_the_asked_size_and_parses_as_ratings_dat(tmp_path):
     other = tmp_path / "other.dat"
     write_ml1m_like(str(other), users=60, items=120, interactions=3_000, seed=4)
     assert other.read_bytes() != path.read_bytes()
+
+
+def test_peak_counts_two_n_cubed_and_reports_shares_of_the_measured_peak():
+    """The peak's arithmetic and output (its speed is never tested: benchmarks write JSON)."""
+    from bench import peak
+
+    assert peak.matmul_flops(3) == 54.0
+    measured = peak.measure(n=64, seconds=0.03, warmup=1)
+    assert measured["n"] == 64 and set(measured) == {"n", "float32_gflops", "bfloat16_gflops"}
+    assert measured["float32_gflops"] > 0 and measured["bfloat16_gflops"] > 0
+    got = peak.shares({"a": 50.0}, {"float32_gflops": 200.0, "bfloat16_gflops": 400.0})
+    assert got == {"a": {"gflops": 50.0, "share_of_fp32_peak": 0.25, "share_of_bf16_peak": 0.125}}
+    assert peak.shares({"a": 1.0}, {})["a"]["share_of_fp32_peak"] is None
+
+
+def test_peak_cli_writes_json_and_refuses_bad_sizes(tmp_path, capsys):
+    import json
+
+    import pytest
+
+    from bench import peak
+
+    out = tmp_path / "peak.json"
+    assert peak.main(["--n", "32", "--seconds", "0.03", "--output", str(out)]) == 0
+    assert json.loads(out.read_text())["n"] == 32
+    with pytest.raises(SystemExit):
+        peak.main(["--n", "0", "--output", str(out)])
+    assert "--n must be >= 1" in capsys.readouterr().err
