@@ -426,3 +426,17 @@ def test_fingerprints_follow_training_code_and_data_only(tmp_path):
         provenance.check_one_version(same[:2] + [{"run": "r9", "dataset": "d", "code": "a", "data": "y"}])
     with pytest.raises(ValueError, match="unrecorded: 1 runs"):
         provenance.check_one_version(same + [{"run": "old", "dataset": "d"}])
+
+
+def test_data_fingerprint_ignores_timings_and_the_input_path_only(tmp_path):
+    from dnr_tf import provenance
+
+    stats = {"config": {"input": "/a/u.data", "seed": 0}, "timings": {"total_seconds": 51.4}, "lists": {"kept": 7}}
+    (tmp_path / "stats.json").write_text(json.dumps(stats))
+    base = provenance.data_fingerprint(str(tmp_path))
+    rebuilt = {**stats, "config": {"input": "/b/u.data", "seed": 0}, "timings": {"total_seconds": 12.0}}
+    (tmp_path / "stats.json").write_text(json.dumps(rebuilt, indent=2))
+    assert provenance.data_fingerprint(str(tmp_path)) == base, "the same data, built again elsewhere"
+    for changed in ({**stats, "lists": {"kept": 8}}, {**stats, "config": {"input": "/a/u.data", "seed": 1}}):
+        (tmp_path / "stats.json").write_text(json.dumps(changed))
+        assert provenance.data_fingerprint(str(tmp_path)) != base
