@@ -55,7 +55,8 @@ def measure(n: int = 2048, seconds: float = 2.0, dtypes=DTYPES, warmup: int = 2)
 
 
 def shares(achieved_gflops: dict, peak: dict) -> dict:
-    """Each achieved GFLOP/s as a share of the measured FP32 and bf16 peaks: {name: {"fp32": s, "bf16": s}}."""
+    """Each achieved GFLOP/s and its share of the measured FP32 and bf16 peaks (None where a peak is missing):
+    {name: {"gflops": g, "share_of_fp32_peak": s, "share_of_bf16_peak": s}}."""
     result = {}
     for name, gflops in achieved_gflops.items():
         result[name] = {

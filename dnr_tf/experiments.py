@@ -234,7 +234,8 @@ def ensure_dataset(name: str, ds: Dataset, poll_s: float = 10.0) -> None:
 
     Raises:
         FileNotFoundError: no pipeline output and no pipeline config to build it.
-        RuntimeError: the pipeline ran and left no data set (its own message is printed above).
+        ValueError: the pipeline failed (its one-line reason, after the data set's name); a failed
+            build leaves the directory as it was (`pipeline.publish`).
     """
     schema = os.path.join(ds.dir, "schema.json")
     for attempt in range(2):
@@ -251,6 +252,7 @@ def ensure_dataset(name: str, ds: Dataset, poll_s: float = 10.0) -> None:
                 f"data set {name}: {ds.dir} holds no pipeline output and the plan gives no pipeline config"
             )
         from pipeline.publish import OutputError
+        from pipeline.run import PipelineError
         from pipeline.run import run as run_pipeline
 
         print(f"[study] building data set {name} -> {ds.dir}", flush=True)
@@ -261,12 +263,12 @@ def ensure_dataset(name: str, ds: Dataset, poll_s: float = 10.0) -> None:
             argv += ["--set", f"{key}={json.dumps(value)}"]
         try:
             run_pipeline(argv)
-        except OutputError:
-            if attempt == 0 and _build_held_elsewhere(ds.dir):
+        except (OutputError, PipelineError, config_io.ConfigError) as e:
+            if isinstance(e, OutputError) and attempt == 0 and _build_held_elsewhere(ds.dir):
                 continue  # another shard took the lock between our check and our start: wait for it
-            raise
+            raise ValueError(f"data set {name}: {e}") from None
         if not os.path.exists(schema):
-            raise RuntimeError(f"data set {name}: the pipeline left no {schema}")
+            raise ValueError(f"data set {name}: the pipeline left no {schema}")
         return
 
 
@@ -514,6 +516,11 @@ def run_plan(
     wanted = {w.run for w in works_of(plan, phase)}
     index, count = shard
     mine = [(i, w) for i, w in enumerate(todo, 1) if (i - 1) % count == index and w.run in wanted]
+    for name in dict.fromkeys(w.dataset for _, w in mine):  # before any work: inputs of data sets to build
+        ds = plan.datasets[name]
+        built = os.path.exists(os.path.join(ds.dir, "schema.json"))
+        if not built and ds.input and "://" not in ds.input and not os.path.exists(ds.input):
+            raise FileNotFoundError(f"data set {name}: input {ds.input} not found (nothing was trained)")
     waiting = True
     while waiting:
         waiting, progressed = [], False

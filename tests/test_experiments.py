@@ -440,3 +440,35 @@ def test_data_fingerprint_ignores_timings_and_the_input_path_only(tmp_path):
     for changed in ({**stats, "lists": {"kept": 8}}, {**stats, "config": {"input": "/a/u.data", "seed": 1}}):
         (tmp_path / "stats.json").write_text(json.dumps(changed))
         assert provenance.data_fingerprint(str(tmp_path)) != base
+
+
+def test_a_missing_input_is_one_line_before_any_run(tmp_path, capsys):
+    plan = {
+        "name": "p",
+        "seeds": [0],
+        "datasets": {
+            "d": {
+                "dir": str(tmp_path / "data"),
+                "pipeline": os.path.join(ROOT, "configs/pipeline/ml100k.yaml"),
+                "input": str(tmp_path / "missing" / "u.data"),
+            }
+        },
+        "rows": [{"name": "prm", "config": PRM, "datasets": ["d"]}],
+    }
+    (tmp_path / "plan.yaml").write_text(yaml.safe_dump(plan))
+    assert main(["--plan", str(tmp_path / "plan.yaml"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "data set d: input" in err and "missing/u.data not found" in err, err
+    assert not (tmp_path / "data").exists() and not os.listdir(tmp_path / "out" / "runs")
+
+
+def test_a_failed_build_is_one_line_naming_the_data_set(tmp_path):
+    bad = tmp_path / "u.data"
+    bad.write_text("")  # an empty file: the pipeline refuses it
+    ds = experiments.Dataset(
+        dir=str(tmp_path / "data"), pipeline=os.path.join(ROOT, "configs/pipeline/ml100k.yaml"), input=str(bad)
+    )
+    with pytest.raises(ValueError, match=r"^data set d: no interaction survives") as raised:
+        experiments.ensure_dataset("d", ds)
+    assert "\n" not in str(raised.value)
+    assert not (tmp_path / "data").exists()
