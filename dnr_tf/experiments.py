@@ -226,6 +226,45 @@ def _build_held_elsewhere(directory: str) -> bool:
     return isinstance(pid, int) and pid != os.getpid() and publish._alive(pid)
 
 
+def _pipeline_argv(ds: Dataset) -> list[str]:
+    argv = ["--config", ds.pipeline, "--output_dir", ds.dir]
+    if ds.input:
+        argv += ["--input", ds.input]
+    for key, value in (ds.pipeline_set or {}).items():
+        argv += ["--set", f"{key}={json.dumps(value)}"]
+    return argv
+
+
+def check_built_config(name: str, ds: Dataset) -> None:
+    """Refuses a data set directory built with another pipeline config than the plan's.
+
+    The plan's config (its YAML and `pipeline_set`) is compared with the one the build recorded in
+    `stats.json`, key by key, the input path aside (the data fingerprint covers what was read);
+    keys only one side has (added to the pipeline later, at their default) are not compared.
+
+    Raises:
+        ValueError: one line naming the data set, its directory and the keys that differ.
+    """
+    stats_path = os.path.join(ds.dir, "stats.json")
+    if not ds.pipeline or not os.path.exists(stats_path):
+        return  # a data set the plan does not build: nothing to compare it with
+    from dnr_tf.run_dir import _flat  # the flattening train uses to name a run's differing keys
+    from pipeline.run import parse_args
+
+    cfg, _, _ = parse_args(_pipeline_argv(ds))
+    want = _flat(config_io.to_dict(cfg))
+    with open(stats_path) as f:
+        built = _flat(json.load(f).get("config", {}))
+    differ = sorted(k for k in want.keys() & built.keys() if k != "input" and want[k] != built[k])
+    if differ:
+        shown = ", ".join(f"{k} ({built[k]!r} built, {want[k]!r} planned)" for k in differ[:4])
+        more = f" and {len(differ) - 4} more" if len(differ) > 4 else ""
+        raise ValueError(
+            f"data set {name}: {ds.dir} was built with another pipeline config: {shown}{more}; "
+            "move that directory away to rebuild it, or point the plan at another dir"
+        )
+
+
 def ensure_dataset(name: str, ds: Dataset, poll_s: float = 10.0) -> None:
     """Builds a data set with its pipeline config when its directory has no schema.json yet.
 
@@ -246,6 +285,7 @@ def ensure_dataset(name: str, ds: Dataset, poll_s: float = 10.0) -> None:
                 waited = True
             time.sleep(poll_s)
         if os.path.exists(schema):
+            check_built_config(name, ds)
             return
         if not ds.pipeline:
             raise FileNotFoundError(
@@ -256,11 +296,7 @@ def ensure_dataset(name: str, ds: Dataset, poll_s: float = 10.0) -> None:
         from pipeline.run import run as run_pipeline
 
         print(f"[study] building data set {name} -> {ds.dir}", flush=True)
-        argv = ["--config", ds.pipeline, "--output_dir", ds.dir]
-        if ds.input:
-            argv += ["--input", ds.input]
-        for key, value in (ds.pipeline_set or {}).items():
-            argv += ["--set", f"{key}={json.dumps(value)}"]
+        argv = _pipeline_argv(ds)
         try:
             run_pipeline(argv)
         except (OutputError, PipelineError, config_io.ConfigError) as e:
@@ -521,6 +557,8 @@ def run_plan(
         built = os.path.exists(os.path.join(ds.dir, "schema.json"))
         if not built and ds.input and "://" not in ds.input and not os.path.exists(ds.input):
             raise FileNotFoundError(f"data set {name}: input {ds.input} not found (nothing was trained)")
+        if built:
+            check_built_config(name, ds)
     waiting = True
     while waiting:
         waiting, progressed = [], False

@@ -8,7 +8,16 @@ from typing import Literal
 from dnr_tf.config_io import check
 
 SOURCES = ("movielens", "csv", "tfds", "synthetic", "logged", "sequences")
-RETRIEVER_KINDS = ("mf", "item2item")
+RETRIEVER_KINDS = ("mf", "item2item", "mf_item2item")
+# Kinds whose candidates come from MF (they need its user rows) and kinds whose x is item-to-item's.
+MF_CANDIDATES = ("mf", "mf_item2item")
+I2I_SCORES = ("item2item", "mf_item2item")
+
+
+def retrained_kind(kind: str) -> str:
+    """The kind the retrained retriever is trained as: `mf_item2item` keeps its candidates (the lists
+    are fixed), so only its model of x, item-to-item, is trained again."""
+    return "item2item" if kind == "mf_item2item" else kind
 
 
 @dataclasses.dataclass(frozen=True)
@@ -18,7 +27,9 @@ class RetrieverConfig:
     Attributes:
         kind: `mf`, matrix factorisation with random negatives (paper appendix D.1; the weak x),
             or `item2item`, item-to-item similarities of the window scored against the user's
-            history before each request (pipeline/item2item.py; the strong x).
+            history before each request (pipeline/item2item.py; the strong x), or `mf_item2item`,
+            MF's candidates scored (and ordered) by item-to-item: the same lists as `mf` with a
+            stronger x, for data where item-to-item's own lists separate the labels worse than MF's.
         dim: embedding size.
         epochs: passes over the retriever window.
         batch_size: positive pairs per step.
@@ -31,13 +42,13 @@ class RetrieverConfig:
         shuffle_buffer: pairs in a shuffle block while the retriever streams its window (16 bytes
             a pair): the driver holds one block, never the whole window; a window that fits in
             one block is shuffled whole every epoch.
-        i2i_neighbors: `item2item`: most similar items kept per item.
-        i2i_shrink: `item2item`: shrinkage of the cosine, c_ij / (sqrt(n_i n_j) + shrink).
-        i2i_history: `item2item`: most recent history items that score a request.
-        i2i_decay: `item2item`: weight of each older history item relative to the next one.
+        i2i_neighbors: item-to-item kinds: most similar items kept per item.
+        i2i_shrink: item-to-item kinds: shrinkage of the cosine, c_ij / (sqrt(n_i n_j) + shrink).
+        i2i_history: item-to-item kinds: most recent history items that score a request.
+        i2i_decay: item-to-item kinds: weight of each older history item relative to the next one.
     """
 
-    kind: Literal["mf", "item2item"] = "mf"
+    kind: Literal["mf", "item2item", "mf_item2item"] = "mf"
     dim: int = 32
     epochs: int = 15
     batch_size: int = 1024
@@ -160,7 +171,7 @@ class PipelineConfig:
         max_reject_share: the run fails, writing no TFRecords, when more than this share of the input
             records is rejected (every one is still listed in `rejects-*.jsonl`): a data set built
             from what is left would be skewed. 1.0 accepts any share.
-        retriever: the retriever (`retriever.kind`: mf or item2item).
+        retriever: the retriever (`retriever.kind`: mf, item2item or mf_item2item).
         retrained: the second, retrained retriever (`retriever_scores_retrained`).
         synthetic: the simulator.
     """
@@ -214,9 +225,10 @@ class PipelineConfig:
             check(self.protocol == "cascade", "retrained.enabled", "needs protocol cascade")
             check(self.retrained.seed != self.seed, "retrained.seed", f"must differ from seed ({self.seed})")
             check(
-                self.retriever.kind != "item2item" or self.retrained.keep_fraction < 1.0,
+                self.retriever.kind not in I2I_SCORES or self.retrained.keep_fraction < 1.0,
                 "retrained.keep_fraction",
-                "must be below 1 for item2item (it has no seed: on the same pairs it would copy the main retriever)",
+                f"must be below 1 for {self.retriever.kind} (item-to-item has no seed: on the same pairs it would "
+                "copy the main retriever)",
             )
         if self.source in ("movielens", "csv", "logged", "sequences"):
             check(bool(self.input), "input", f"is required for source {self.source}")

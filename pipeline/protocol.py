@@ -116,6 +116,27 @@ class MFScorer:
         return np.where(known, sigmoid(logits.astype(np.float64)), 0.0).astype(np.float32)
 
 
+@dataclasses.dataclass(frozen=True)
+class RescoredScorer:
+    """The candidates of one scorer, scored and ordered by another (`retriever.kind: mf_item2item`).
+
+    A two-step retriever: `candidates` picks the items (the same lists as it would alone), and
+    `scorer` gives their x, the list ordered by it (ties keep the candidate order).
+    """
+
+    candidates: object
+    scorer: object
+
+    def top_k(self, history, exclude: set[int], k: int) -> tuple[np.ndarray, np.ndarray]:
+        ids, _ = self.candidates.top_k(history, exclude, k)
+        x = np.asarray(self.scorer.scores(history, ids), np.float32)
+        order = np.argsort(-x, kind="stable")
+        return ids[order], x[order]
+
+    def scores(self, history, ids) -> np.ndarray:
+        return self.scorer.scores(history, ids)
+
+
 def sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))
 

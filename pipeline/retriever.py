@@ -5,7 +5,8 @@ wrote as `window_shards` gzip TSV files. The window is streamed from those files
 `shuffle_buffer` pairs, each shuffled whole: the driver holds one block and the embedding tables,
 never more of the window (a window smaller than a block is read once and kept). The tables it
 saves under `<output_dir>/retriever/` are the side input of candidate generation.
-`train_and_save` dispatches on `retriever.kind`: MF here, `item2item` in pipeline/item2item.py.
+`train_and_save` dispatches on `retriever.kind`: MF here, `item2item` in pipeline/item2item.py, and
+`mf_item2item` (MF's candidates, item-to-item's x) trains both.
 """
 
 from __future__ import annotations
@@ -230,12 +231,16 @@ def train_and_save(
     """Trains the retriever of `cfg.kind` on the window and saves it under `directory`; returns its metrics.
 
     `mf` writes `mf.npz`, the user rows and `metrics.json` (`save`); `item2item` writes
-    `item2item.npz` and `metrics.json` (it has no user table: it scores the user's history).
+    `item2item.npz` and `metrics.json` (it has no user table: it scores the user's history);
+    `mf_item2item` writes both, and its metrics are item-to-item's (the model of x) with MF's (the
+    candidates') under `candidates`.
     """
-    if cfg.kind == "mf":
+    if cfg.kind in ("mf", "mf_item2item"):
         retriever, user_tables, metrics = train_mf(train_pattern, eval_patterns, users, items, cfg, seed, keep=keep)
         save(retriever, user_tables, metrics, directory)
-        return metrics
+        if cfg.kind == "mf":
+            return metrics
+        candidates = metrics
     import tensorflow as tf
 
     from pipeline import item2item
@@ -247,6 +252,8 @@ def train_and_save(
     evals = {name: whole(pattern) for name, pattern in eval_patterns.items()}
     retriever, metrics = item2item.train_item2item(whole(train_pattern, keep), items, cfg, evals, seed)
     metrics["num_users"] = len(users)
+    if cfg.kind == "mf_item2item":
+        metrics["candidates"] = {"kind": "mf", **candidates}
     item2item.save(retriever, directory)
     with tf.io.gfile.GFile(os.path.join(directory, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
@@ -254,11 +261,14 @@ def train_and_save(
 
 
 def load_kind(kind: str, directory: str):
-    """The side input of candidate generation: MF's item table (`Retriever`) or an `ItemToItem`."""
+    """The side input of candidate generation: MF's item table (`Retriever`), an `ItemToItem`, or
+    for `mf_item2item` the pair (`Retriever`, `ItemToItem`)."""
     if kind == "mf":
         return load(directory)
     from pipeline import item2item
 
+    if kind == "mf_item2item":
+        return load(directory), item2item.load(directory)
     return item2item.load(directory)
 
 

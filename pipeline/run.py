@@ -15,6 +15,7 @@ lock; it never removes a file its manifest does not list (`pipeline.publish`).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -23,7 +24,7 @@ import time
 
 from dnr_tf import config_io, config_keys, quiet, tfmd
 from dnr_tf import schema as S
-from pipeline.config import SOURCES, PipelineConfig
+from pipeline.config import SOURCES, PipelineConfig, retrained_kind
 
 log = logging.getLogger("pipeline")
 
@@ -329,6 +330,13 @@ def _build(cfg: PipelineConfig, output_dir: str, beam_args: list[str] | None = N
         metrics = mf.train_and_save(cfg.retriever, window, evals, users, items, cfg.seed, retriever_dir)
         timings["retriever_seconds"] = time.time() - t0
         stats["retriever"].update(kind=kind, auc_heldout=metrics["auc_heldout"], auc_future=metrics["auc_future"])
+        if "candidates" in metrics:  # mf_item2item: the AUCs above are of x (item-to-item), these of MF
+            cand = metrics["candidates"]
+            stats["retriever"]["candidates"] = {
+                "kind": cand["kind"],
+                "auc_heldout": cand["auc_heldout"],
+                "auc_future": cand["auc_future"],
+            }
         print(
             f"[pipeline] retriever AUC: {metrics['auc_heldout']:.4f} on held-out window pairs, "
             f"{metrics['auc_future']:.4f} on the request period",
@@ -340,7 +348,8 @@ def _build(cfg: PipelineConfig, output_dir: str, beam_args: list[str] | None = N
             retrained_dir = os.path.join(output_dir, "retriever", "retrained")
             keep = (cfg.retrained.seed, cfg.retrained.keep_fraction)
             seed = cfg.retrained.seed
-            again = mf.train_and_save(cfg.retriever, window, evals, users, items, seed, retrained_dir, keep)
+            again_cfg = dataclasses.replace(cfg.retriever, kind=retrained_kind(kind))
+            again = mf.train_and_save(again_cfg, window, evals, users, items, seed, retrained_dir, keep)
             timings["retrained_seconds"] = time.time() - t0
             stats["retriever"]["retrained"] = {
                 "seed": cfg.retrained.seed,

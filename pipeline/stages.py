@@ -20,7 +20,7 @@ from apache_beam.metrics import Metrics
 
 from dnr_tf import schema as S
 from pipeline import protocol, stats
-from pipeline.config import PipelineConfig
+from pipeline.config import MF_CANDIDATES, PipelineConfig, retrained_kind
 from pipeline.protocol import Interaction, stable_fraction
 from pipeline.sources import files
 from pipeline.sources.files import REJECTS, reject
@@ -223,10 +223,12 @@ class _BuildLists(beam.DoFn):
     def setup(self):
         from pipeline import retriever as mf
 
-        # The item table (MF) or the neighbour table (item2item); MF's user rows come joined by key.
+        # The item table (MF), the neighbour table (item2item) or both (mf_item2item); MF's user rows
+        # come joined by key.
         kind = self._cfg.retriever.kind
         self._retriever = mf.load_kind(kind, self._dir)
-        self._retrained = mf.load_kind(kind, self._retrained_dir) if self._retrained_dir else None
+        again = retrained_kind(kind)
+        self._retrained = mf.load_kind(again, self._retrained_dir) if self._retrained_dir else None
 
     def process(self, kv):
         # A generator only (no bare `return`): Beam warns about DoFns that mix yield and return.
@@ -238,19 +240,24 @@ class _BuildLists(beam.DoFn):
     def _build(self, user, joined) -> tuple[list, dict]:
         """(records, counts) of one user's requests."""
         cfg = self._cfg
-        mf_kind = cfg.retriever.kind == "mf"
+        kind = cfg.retriever.kind
         lines = list(joined["timeline"])
-        rows = list(joined["user"]) if mf_kind else [(None, None)]
+        rows = list(joined["user"]) if kind in MF_CANDIDATES else [(None, None)]
         if not lines:
             return [], {}  # a user of the retriever's window without a timeline (cannot happen: both come from stage 1)
         if len(lines) != 1 or len(rows) != 1:
             raise ValueError(f"user {user}: {len(lines)} timelines and {len(rows)} retriever rows (expected 1 and 1)")
         _, timeline = timeline_from_json(lines[0])
         vec, bias = rows[0]
-        scorer = None if mf_kind else self._retriever
+        retriever, scorer = self._retriever, None
+        if kind == "item2item":
+            retriever, scorer = None, self._retriever
+        elif kind == "mf_item2item":
+            retriever, i2i = self._retriever
+            scorer = protocol.RescoredScorer(protocol.MFScorer(retriever, vec, bias), i2i)
         retrained = None
         if self._retrained is not None:
-            if mf_kind:
+            if retrained_kind(kind) == "mf":
                 again = list(joined["retrained"])
                 if len(again) != 1:
                     raise ValueError(f"user {user}: {len(again)} retrained retriever rows (expected 1)")
@@ -263,7 +270,7 @@ class _BuildLists(beam.DoFn):
                 timeline,
                 vec,
                 bias,
-                self._retriever,
+                retriever,
                 retriever_fraction=cfg.retriever_fraction,
                 stride=cfg.stride,
                 history_len=cfg.history_len,
@@ -303,13 +310,13 @@ def lists_stage(
         | "KeyTimelines" >> beam.Map(lambda line: (json.loads(line)["user"], line))
     )
     joined = {"timeline": timelines}
-    if cfg.retriever.kind == "mf":  # item2item has no user table: it scores the user's history
+    if cfg.retriever.kind in MF_CANDIDATES:  # item2item has no user table: it scores the user's history
         joined["user"] = (
             p
             | "ReadUserRows" >> beam.io.ReadFromText(os.path.join(retriever_dir, f"{mf.USER_ROWS}-*.jsonl.gz"))
             | "ParseUserRows" >> beam.Map(mf.parse_user_row)
         )
-        if retrained_dir is not None:
+        if retrained_dir is not None and retrained_kind(cfg.retriever.kind) == "mf":
             joined["retrained"] = (
                 p
                 | "ReadRetrainedRows" >> beam.io.ReadFromText(os.path.join(retrained_dir, f"{mf.USER_ROWS}-*.jsonl.gz"))

@@ -472,3 +472,39 @@ def test_a_failed_build_is_one_line_naming_the_data_set(tmp_path):
         experiments.ensure_dataset("d", ds)
     assert "\n" not in str(raised.value)
     assert not (tmp_path / "data").exists()
+
+
+def test_a_data_set_built_with_another_config_is_refused_before_any_run(tmp_path, capsys):
+    """A directory the plan names but that holds another build (another retriever, say) is never
+    trained on in silence: the keys that differ are named, nothing runs."""
+    from pipeline.config import PipelineConfig
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "schema.json").write_text("{}")
+    yaml_cfg = config_io.load_yaml(os.path.join(ROOT, "configs/pipeline/ml100k.yaml"))
+    # Built from another input path (not compared) with the YAML as it is.
+    built = config_io.to_dict(config_io.from_dict(PipelineConfig, {**yaml_cfg, "input": "elsewhere/u.data"}))
+    (data / "stats.json").write_text(json.dumps({"config": built}))
+    plan = {
+        "name": "p",
+        "seeds": [0],
+        "datasets": {
+            "d": {
+                "dir": str(data),
+                "pipeline": os.path.join(ROOT, "configs/pipeline/ml100k.yaml"),
+                "input": "u.data",
+                "pipeline_set": {"retriever.kind": "item2item"},
+            }
+        },
+        "rows": [{"name": "prm", "config": PRM, "datasets": ["d"]}],
+    }
+    (tmp_path / "plan.yaml").write_text(yaml.safe_dump(plan))
+    assert main(["--plan", str(tmp_path / "plan.yaml"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "data set d:" in err and "retriever.kind ('mf' built, 'item2item' planned)" in err, err
+    assert not os.listdir(tmp_path / "out" / "runs")
+    # The plan's own config (here: without the override) passes.
+    ds = experiments.Dataset(dir=str(data), pipeline=os.path.join(ROOT, "configs/pipeline/ml100k.yaml"), input="u.data")
+    experiments.check_built_config("d", ds)

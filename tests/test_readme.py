@@ -176,9 +176,7 @@ def test_the_readme_logged_list_runs_through_the_logged_command(tmp_path):
     """The README's JSONL example, three requests of it, through its `--source logged` command."""
     (example,) = [b for b in readme_json_blocks() if '"candidates"' in b]
     base = json.loads(example)
-    lines = [
-        json.dumps({**base, "request_id": f"r{i}", "timestamp": base["timestamp"] + i}) for i in range(3)
-    ]
+    lines = [json.dumps({**base, "request_id": f"r{i}", "timestamp": base["timestamp"] + i}) for i in range(3)]
     (tmp_path / "lists-0.jsonl").write_text("\n".join(lines) + "\n")
     (command,) = [w for w in readme_commands() if w[:3] == ["python", "-m", "pipeline.run"] and "logged" in w]
     args = command[3:]

@@ -99,12 +99,59 @@ def test_item2item_beats_mf_on_drifting_taste(tmp_path):
     i2i, _ = item2item.train_item2item(pairs, items, RetrieverConfig(kind="item2item"))
     ladder = _ladder(
         timelines,
-        {"mf": lambda u: protocol.MFScorer(ret, *rows[u]), "item2item": lambda u: i2i},
+        {
+            "mf": lambda u: protocol.MFScorer(ret, *rows[u]),
+            "item2item": lambda u: i2i,
+            "mf_item2item": lambda u: protocol.RescoredScorer(protocol.MFScorer(ret, *rows[u]), i2i),
+        },
     )
     (mf_auc, mf_ndcg, mf_n), (i2i_auc, i2i_ndcg, i2i_n) = ladder["mf"], ladder["item2item"]
     assert mf_n > 100 and i2i_n > 100
     assert i2i_auc > mf_auc + 0.05, ladder
     assert i2i_ndcg > mf_ndcg + 0.05, ladder
+    # MF's lists (the same ones: same count) with item-to-item's x: a stronger x on MF's candidates.
+    both_auc, both_ndcg, both_n = ladder["mf_item2item"]
+    assert both_n == mf_n
+    assert both_auc > mf_auc + 0.05 and both_ndcg > mf_ndcg + 0.05, ladder
+
+
+def test_mf_item2item_keeps_mf_lists_and_scores_them_item_to_item():
+    timelines = drifting_timelines(num_users=30)
+    users = sorted(timelines)
+    items = np.array(sorted({i for v in timelines.values() for i in v}), np.int64)
+    pairs = np.array([(j, np.searchsorted(items, i)) for j, u in enumerate(users) for i in timelines[u][:30]])
+    i2i, _ = item2item.train_item2item(pairs, items, RetrieverConfig(kind="item2item"))
+    rng = np.random.default_rng(0)
+    ret = protocol.Retriever(
+        item_ids=items, item_emb=rng.normal(size=(len(items), 4)), item_bias=np.zeros(len(items)), global_bias=0.0
+    )
+    checked = 0
+    for user in users:
+        timeline = [Interaction(user, i, t, 1.0) for t, i in enumerate(timelines[user])]
+        vec, bias = rng.normal(size=4), 0.0
+        lists = {}
+        for name, scorer in {
+            "mf": protocol.MFScorer(ret, vec, bias),
+            "mf_item2item": protocol.RescoredScorer(protocol.MFScorer(ret, vec, bias), i2i),
+        }.items():
+            records, counts = protocol.cascade_lists(
+                user, timeline, None, None, None, retriever_fraction=0.5, stride=3, history_len=5,
+                list_size=20, horizon=3, scorer=scorer,
+            )  # fmt: skip
+            lists[name] = (records, counts)
+        (mf_records, mf_counts), (records, counts) = lists["mf"], lists["mf_item2item"]
+        assert counts == mf_counts
+        assert [r[S.REQUEST_ID] for r in records] == [r[S.REQUEST_ID] for r in mf_records]
+        for rec, mf_rec in zip(records, mf_records):
+            label_of = dict(zip(mf_rec[S.ITEM_IDS], mf_rec[S.LABELS]))
+            assert dict(zip(rec[S.ITEM_IDS], rec[S.LABELS])) == label_of, "same candidates, same labels"
+            x = np.asarray(rec[S.RETRIEVER_SCORES])
+            r = int(rec[S.REQUEST_ID].split(":")[1])  # the request's position in the timeline
+            expected = i2i.scores(timelines[user][:r], rec[S.ITEM_IDS])
+            np.testing.assert_allclose(x, expected, atol=1e-6)
+            assert np.all(np.diff(x) <= 0), "ordered by the new x"
+            checked += 1
+    assert checked > 20
 
 
 def test_item2item_scores_match_top_k_and_lie_in_unit_interval():
@@ -203,7 +250,7 @@ def _write_u_data(path, timelines):
     return path
 
 
-@pytest.fixture(scope="module", params=["mf", "item2item"])
+@pytest.fixture(scope="module", params=["mf", "item2item", "mf_item2item"])
 def retrained_run(request, tmp_path_factory):
     from pipeline.run import run
 
@@ -254,6 +301,26 @@ def test_retrained_feature_is_written_and_read_back(retrained_run):
     assert (out / "retriever" / "retrained" / "metrics.json").exists()
     assert stats["retriever"]["kind"] == kind
     assert "auc_future" in stats["retriever"]["retrained"]
+
+
+def test_mf_item2item_scores_mf_candidates_with_both_item_to_item_tables(retrained_run):
+    kind, out, stats = retrained_run
+    if kind != "mf_item2item":
+        assert "candidates" not in stats["retriever"]
+        return
+    assert stats["retriever"]["candidates"]["kind"] == "mf"
+    assert (out / "retriever" / mf.TABLES).exists() and (out / "retriever" / item2item.TABLE).exists()
+    main = item2item.load(os.fspath(out / "retriever"))
+    again = item2item.load(os.fspath(out / "retriever" / "retrained"))
+    timelines = drifting_timelines(num_users=40, clusters=6, per_cluster=8, length=30)
+    rows = _read_test(out)
+    for row in rows:
+        user, r = str(row[S.REQUEST_ID], "utf-8").split(":")
+        history, real = timelines[int(user)][: int(r)], row[S.LABELS] >= 0
+        ids = row[S.ITEM_IDS][real]
+        np.testing.assert_allclose(row[S.RETRIEVER_SCORES][real], main.scores(history, ids), atol=1e-6)
+        np.testing.assert_allclose(row[S.RETRIEVER_SCORES_RETRAINED][real], again.scores(history, ids), atol=1e-6)
+    assert len(rows) > 10
 
 
 def test_stats_report_both_retrievers(retrained_run):
