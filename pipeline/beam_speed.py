@@ -9,6 +9,13 @@ that are collected leave the cache with them. Callables that cannot be weakly re
 are not hashable, are inspected as before. The answers are the same (tests/test_beam_speed.py), and so
 are the records: the pipeline tests, which check the records' contents, pass unchanged.
 
+The same construction asks `PipelineOptions.view_as` for a view of the pipeline's options about 800
+times; each view builds an argparse parser over every option of its class and parses the flags
+again (about 10% of a small pipeline's time: 5.6 -> 5.0 s, median of 4 alternating runs). A view
+holds nothing of its own: it reads and writes the one `_all_options` dict of the options it was
+taken from, so `install()` keeps the first view of each class per options object (weakly) and
+hands it out again while that dict is still the one.
+
 Only the process that builds the pipeline is changed; runners' workers are not.
 """
 
@@ -18,6 +25,7 @@ import types
 import weakref
 
 CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # function -> {type of the callable: answer}
+VIEWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # options -> {options class: view}
 
 
 def _memoised(original, cache=CACHE):
@@ -42,11 +50,32 @@ def _memoised(original, cache=CACHE):
     return get_function_args_defaults
 
 
+def _memoised_view(original, views=VIEWS):
+    def view_as(self, cls):
+        try:
+            per_class = views.get(self)
+        except TypeError:  # not weakly referenceable, or not hashable
+            return original(self, cls)
+        view = per_class.get(cls) if per_class is not None else None
+        if view is None or view._all_options is not self._all_options or view._flags is not self._flags:
+            view = original(self, cls)
+            views.setdefault(self, {})[cls] = view
+        return view
+
+    view_as.__wrapped__ = original
+    view_as.__doc__ = original.__doc__
+    return view_as
+
+
 def install() -> None:
-    """Memoises `apache_beam.transforms.core.get_function_args_defaults` (idempotent)."""
+    """Memoises `apache_beam.transforms.core.get_function_args_defaults` and
+    `PipelineOptions.view_as` (idempotent)."""
+    from apache_beam.options.pipeline_options import PipelineOptions
     from apache_beam.transforms import core
 
     original = getattr(core, "get_function_args_defaults", None)
-    if original is None or hasattr(original, "__wrapped__"):  # another Beam version, or done already
-        return
-    core.get_function_args_defaults = _memoised(original)
+    if original is not None and not hasattr(original, "__wrapped__"):  # another Beam version, or done already
+        core.get_function_args_defaults = _memoised(original)
+    view_as = PipelineOptions.__dict__.get("view_as")
+    if view_as is not None and not hasattr(view_as, "__wrapped__"):
+        PipelineOptions.view_as = _memoised_view(view_as)

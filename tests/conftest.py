@@ -88,12 +88,17 @@ def smoke_run(synthetic_data, tmp_path_factory):
 
 # --- scheduling on pytest-xdist workers (`make test`: -n 2 --dist loadgroup) ---
 # Each file runs whole on one worker (its module fixtures are built once), and the files that share
-# a costly session fixture form one group: ML-100K's pipeline (35 s) is built once, not on each
-# worker. (Handing the slowest files out first was tried on 2026-12-04: the two heaviest, which start
+# a costly session fixture form one group: ML-100K's pipeline (35 s) and the smoke run are built
+# once, not on each worker. (Handing the slowest files out first was tried on 2026-12-04: the two heaviest, which start
 # training subprocesses, then ran side by side, and two runs took 15 min 23 s and 15 min 56 s
 # against 13 min 17 s in xdist's own order, the groups with most tests first, which is kept. One
 # run each, on a machine whose speed varies between runs.)
-GROUPS = {"test_ml100k_pipeline.py": "test_fused_step.py"}
+GROUPS = {
+    "test_ml100k_pipeline.py": "test_fused_step.py",
+    # `smoke_run` (a DNR-B training and an export) is shared by these three.
+    "test_export.py": "test_train.py",
+    "test_serving_fuzz.py": "test_train.py",
+}
 
 
 def pytest_collection_modifyitems(config, items):

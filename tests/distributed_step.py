@@ -1,11 +1,12 @@
 """One DNR train step on one process and on two mirrored CPU replicas, compared (run by test_distribute).
 
-    python tests/distributed_step.py DATA_DIR MODEL_BASED(0|1)
+    python tests/distributed_step.py DATA_DIR MODEL_BASED(0|1) [MODEL_BASED ...]
 
 Splits the CPU into two logical devices before TensorFlow starts, builds the smoke model twice from
-the same seed (once plainly, once under a 2-replica MirroredStrategy), and prints one JSON line:
-the largest differences, over one batch, of x' (the noise), the losses, and the gradient summed over
-the replicas (what the optimizer applies) against the one-process gradient.
+the same seed (once plainly, once under a 2-replica MirroredStrategy), and prints one JSON line per
+MODEL_BASED given (one TensorFlow start-up for both): the largest differences, over one batch, of x'
+(the noise), the losses, and the gradient summed over the replicas (what the optimizer applies)
+against the one-process gradient.
 """
 
 from __future__ import annotations
@@ -80,4 +81,5 @@ def main(data_dir: str, model_based: bool) -> dict:
 
 
 if __name__ == "__main__":
-    print(json.dumps(main(sys.argv[1], sys.argv[2] == "1")))
+    for mode in sys.argv[2:]:
+        print(json.dumps({"model_based": mode == "1", **main(sys.argv[1], mode == "1")}), flush=True)
