@@ -11,10 +11,10 @@ are the records: the pipeline tests, which check the records' contents, pass unc
 
 The same construction asks `PipelineOptions.view_as` for a view of the pipeline's options about 800
 times; each view builds an argparse parser over every option of its class and parses the flags
-again (about 10% of a small pipeline's time: 5.6 -> 5.0 s, median of 4 alternating runs). A view
-holds nothing of its own: it reads and writes the one `_all_options` dict of the options it was
-taken from, so `install()` keeps the first view of each class per options object (weakly) and
-hands it out again while that dict is still the one.
+again (about 10% of a small pipeline's time: 5.6 -> 5.0 s, median of 4 alternating runs in one
+process on a loaded machine). A view holds nothing of its own: it reads and writes the one
+`_all_options` dict of the options it was taken from, so `install()` keeps the first view of each
+class per options object (weakly) and hands it out again while that dict is still the one.
 
 Only the process that builds the pipeline is changed; runners' workers are not.
 """

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 
-from pipeline.config import RetrieverConfig
+from pipeline.config import MF_CANDIDATES, RetrieverConfig
 from pipeline.protocol import Retriever
 
 log = logging.getLogger(__name__)
@@ -235,7 +235,7 @@ def train_and_save(
     `mf_item2item` writes both, and its metrics are item-to-item's (the model of x) with MF's (the
     candidates') under `candidates`.
     """
-    if cfg.kind in ("mf", "mf_item2item"):
+    if cfg.kind in MF_CANDIDATES:
         retriever, user_tables, metrics = train_mf(train_pattern, eval_patterns, users, items, cfg, seed, keep=keep)
         save(retriever, user_tables, metrics, directory)
         if cfg.kind == "mf":

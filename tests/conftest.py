@@ -89,8 +89,8 @@ def smoke_run(synthetic_data, tmp_path_factory):
 # --- scheduling on pytest-xdist workers (`make test`: -n 2 --dist loadgroup) ---
 # Each file runs whole on one worker (its module fixtures are built once), and the files that share
 # a costly session fixture form one group: ML-100K's pipeline (35 s) and the smoke run are built
-# once, not on each worker. (Handing the slowest files out first was tried on 2026-12-04: the two heaviest, which start
-# training subprocesses, then ran side by side, and two runs took 15 min 23 s and 15 min 56 s
+# once, not on each worker. (Handing the slowest files out first was tried on 2026-12-04: the two
+# heaviest, which start training subprocesses, then ran side by side, and two runs took 15 min 23 s and 15 min 56 s
 # against 13 min 17 s in xdist's own order, the groups with most tests first, which is kept. One
 # run each, on a machine whose speed varies between runs.)
 GROUPS = {
