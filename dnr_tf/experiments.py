@@ -300,8 +300,10 @@ def ensure_dataset(name: str, ds: Dataset, poll_s: float = 10.0) -> None:
         try:
             run_pipeline(argv)
         except (OutputError, PipelineError, config_io.ConfigError) as e:
-            if isinstance(e, OutputError) and attempt == 0 and _build_held_elsewhere(ds.dir):
-                continue  # another shard took the lock between our check and our start: wait for it
+            # Another shard took the lock between our check and our start (`pipeline.run` reports the
+            # lock as a PipelineError): wait for its build instead of failing.
+            if attempt == 0 and _build_held_elsewhere(ds.dir):
+                continue
             raise ValueError(f"data set {name}: {e}") from None
         if not os.path.exists(schema):
             raise ValueError(f"data set {name}: the pipeline left no {schema}")

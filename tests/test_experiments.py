@@ -404,6 +404,43 @@ def test_a_shard_waits_for_the_data_set_another_shard_builds(tmp_path):
         experiments.ensure_dataset("e", experiments.Dataset(dir=str(tmp_path / "other")), poll_s=0.05)
 
 
+def test_a_shard_that_loses_the_race_for_the_lock_waits_too(tmp_path, monkeypatch):
+    """The other shard takes the lock between this one's check and its own pipeline start: the pipeline
+    refuses (a PipelineError naming the holder), and the shard waits for that build instead of failing."""
+    import subprocess
+    import threading
+
+    from pipeline import publish
+    from pipeline import run as pipeline_run
+
+    data = tmp_path / "data"
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    calls = []
+
+    def racing_pipeline(argv):
+        calls.append(argv)
+        with open(publish.lock_path(str(data)), "w") as f:
+            json.dump({"pid": holder.pid, "host": "h", "started": "now"}, f)
+
+        def other_shard_publishes():
+            data.mkdir()
+            (data / "schema.json").write_text("{}")
+            os.remove(publish.lock_path(str(data)))
+
+        threading.Timer(0.5, other_shard_publishes).start()
+        raise pipeline_run.PipelineError(f"{data} is being written by another run (pid {holder.pid})")
+
+    monkeypatch.setattr(pipeline_run, "run", racing_pipeline)
+    monkeypatch.setattr(experiments, "check_built_config", lambda name, ds: None)
+    try:
+        ds = experiments.Dataset(dir=str(data), pipeline="configs/pipeline/synthetic.yaml")
+        experiments.ensure_dataset("d", ds, poll_s=0.05)
+        assert (data / "schema.json").exists() and len(calls) == 1
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_fingerprints_follow_training_code_and_data_only(tmp_path):
     import shutil
 
