@@ -101,6 +101,9 @@ GROUPS = {
 }
 
 
+# tryfirst: xdist's worker reads the markers in its own pytest_collection_modifyitems (it suffixes each
+# node id with its group); a marker added after that is ignored, and every test is scheduled alone.
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     for item in items:
         item.add_marker(pytest.mark.xdist_group(GROUPS.get(item.path.name, item.path.name)))

@@ -36,6 +36,8 @@ def _train_args(data_dir, model_dir, *extra):
         os.fspath(model_dir),
         "--set",
         "model.dropout=0",
+        "--set",
+        "train.on_nonfinite=skip",
         *extra,
     ]
 
@@ -55,6 +57,8 @@ def _assert_same_run(got, want):
     assert got["best_epoch"] == want["best_epoch"]
     assert got["steps"] == want["steps"], "both optimizers took the same steps"
     assert got["history"]["sampler_phase"] == want["history"]["sampler_phase"]
+    assert got["skipped_steps"] == want["skipped_steps"], "a non-finite step skipped by every replica, counted once"
+    assert got["nonfinite_counts"] == want["nonfinite_counts"]
     for key in LOSSES:
         np.testing.assert_allclose(got["history"][key], want["history"][key], rtol=1e-4, atol=1e-6, err_msg=key)
     for key in RANKING:
@@ -66,16 +70,28 @@ def _assert_same_run(got, want):
 
 
 @pytest.fixture(scope="module")
-def one_process(synthetic_data, tmp_path_factory):
-    data_dir, _ = synthetic_data
+def nan_data(synthetic_data, tmp_path_factory):
+    """The synthetic data with a NaN retriever score in one train list, trained with
+    `train.on_nonfinite=skip` by every run of this file: each run also shows that a non-finite step on
+    one replica (or worker) is skipped by all, counted once, and leaves the run the one process's."""
+    from test_reliability_train import _data_with_a_nan_score
+
+    return _data_with_a_nan_score(synthetic_data[0], tmp_path_factory.mktemp("nan") / "data")
+
+
+@pytest.fixture(scope="module")
+def one_process(nan_data, tmp_path_factory):
     model_dir = tmp_path_factory.mktemp("one_process")
-    done = subprocess.run(_train_args(data_dir, model_dir), cwd=ROOT, env=_env(), capture_output=True, text=True)
+    done = subprocess.run(_train_args(nan_data, model_dir), cwd=ROOT, env=_env(), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
-    return _metrics(model_dir)
+    want = _metrics(model_dir)
+    assert want["skipped_steps"] == 2, "the NaN list is in one batch of each epoch"
+    assert want["nonfinite_counts"]["L_direct"] == 2
+    return want
 
 
-def test_two_local_workers_train_like_one_process(synthetic_data, one_process, tmp_path):
-    data_dir, _ = synthetic_data
+def test_two_local_workers_train_like_one_process(nan_data, one_process, tmp_path):
+    data_dir = nan_data
     model_dir = tmp_path / "run"
     from dnr_tf.distribute import local_cluster
 
@@ -110,11 +126,13 @@ def test_two_local_workers_train_like_one_process(synthetic_data, one_process, t
     assert "worker's copy of the run" in logs[1]
 
 
-def test_mirrored_replicas_killed_and_resumed_train_like_one_process(synthetic_data, one_process, tmp_path):
+def test_mirrored_replicas_killed_and_resumed_train_like_one_process(nan_data, one_process, tmp_path):
     """Two mirrored replicas, killed after the heuristic epoch and resumed with the same command
     (backup and random states restored into the strategy's variables): the model-based epoch and the
-    final metrics are the uninterrupted one process's."""
-    data_dir, _ = synthetic_data
+    final metrics are the uninterrupted one process's. The NaN list sits in one replica's half of its
+    batch: both replicas skip that step (the optimizer's all-reduce runs in both or neither), in
+    either epoch, and the skip count survives the kill."""
+    data_dir = nan_data
     args = _train_args(data_dir, tmp_path / "run", "--strategy", "mirrored", "--cpu_replicas", "2")
     proc = subprocess.Popen(args, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     meta = tmp_path / "run" / "backup" / "state.json"  # RunBackup's commit
@@ -221,23 +239,3 @@ def test_embedding_gradients_are_summed_before_adam():
     np.testing.assert_allclose(summed[:2], -0.1, rtol=1e-4)  # Adam's first step: lr * sign(gradient)
     sliced = first_step(lambda grads: grads)
     assert abs(sliced[0, 0]) < 0.01, "Keras' behaviour this works around (if it changes, this fails)"
-
-
-def test_a_nonfinite_step_on_one_replica_is_skipped_by_all(synthetic_data, tmp_path):
-    """The NaN list sits in one replica's half of its batch: both replicas skip that step (the
-    optimizer's all-reduce runs in both or neither), it is counted once, and the run is the one
-    process's run with the same policy."""
-    from test_reliability_train import _data_with_a_nan_score
-
-    data = _data_with_a_nan_score(synthetic_data[0], tmp_path / "data")
-    runs = {}
-    for name, extra in (("one", []), ("mirrored", ["--strategy", "mirrored", "--cpu_replicas", "2"])):
-        args = _train_args(data, tmp_path / name, "--set", "train.on_nonfinite=skip", *extra)
-        done = subprocess.run(args, cwd=ROOT, env=_env(), capture_output=True, text=True)
-        assert done.returncode == 0, done.stderr[-3000:]
-        runs[name] = _metrics(tmp_path / name)
-    got, want = runs["mirrored"], runs["one"]
-    assert want["skipped_steps"] == got["skipped_steps"] == 2, "the NaN list is in one batch of each epoch"
-    assert got["nonfinite_counts"] == want["nonfinite_counts"]
-    assert got["nonfinite_counts"]["L_direct"] == 2
-    _assert_same_run(got, want)
