@@ -398,8 +398,12 @@ def run_one(
 
 
 def versions(data_dir: str) -> dict:
-    """`code` and `data`: what a run ran on (`dnr_tf.provenance`)."""
-    return {"code": provenance.code_fingerprint(), "data": provenance.data_fingerprint(data_dir)}
+    """`code`, `data` and `records`: what a run ran on (`dnr_tf.provenance`)."""
+    return {
+        "code": provenance.code_fingerprint(),
+        "data": provenance.data_fingerprint(data_dir),
+        "records": provenance.records_fingerprint(data_dir),
+    }
 
 
 def write_result(model_dir: str, result: dict) -> None:

@@ -2,7 +2,8 @@
 
 A study's tables must not mix code versions (issue 14): every `result.json` records `code`, a hash
 of the package's training code, and `data`, a hash of its data set's `stats.json` (the counts, the
-retrievers' AUCs and the per-split figures that the pipeline derives from every record). Collecting
+retrievers' AUCs and the per-split figures that the pipeline derives from every record), and, since
+2026-12-05, `records`, a hash of the records themselves in the order a run reads them. Collecting
 a plan refuses runs whose fingerprints differ (`check_one_version`), naming them, so a table is
 either one version throughout or not written.
 
@@ -55,6 +56,43 @@ def data_fingerprint(data_dir: str) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:12]
 
 
+def records_fingerprint(data_dir: str) -> str:
+    """12 hex digits of a SHA-256 of every record of every split, parsed, in file order.
+
+    `data` (from stats.json) does not see the order of the records, nor a change in them that leaves
+    every statistic equal to 9 digits; training does (the shuffle is seeded over the file order). This
+    hashes what a run reads: each split's files in name order, each record's features sorted by
+    name with their values. Parsed, not the bytes: protobuf writes a record's feature map in an order
+    that varies from one process to the next, so identical builds differ in their bytes.
+    """
+    import glob
+
+    from tensorflow.core.example import example_pb2
+
+    from dnr_tf import data as data_lib
+
+    digest = hashlib.sha256()
+    for split in data_lib.SPLITS:
+        digest.update(split.encode() + b"\0")
+        for path in sorted(glob.glob(data_lib.split_pattern(data_dir, split))):
+            for raw in _tfrecords(path):
+                example = example_pb2.Example.FromString(raw)
+                for name in sorted(example.features.feature):
+                    feature = example.features.feature[name]
+                    kind = feature.WhichOneof("kind")
+                    values = list(getattr(feature, kind).value) if kind else []
+                    digest.update(f"{name}:{kind}:{values!r};".encode())
+                digest.update(b"\n")
+    return digest.hexdigest()[:12]
+
+
+def _tfrecords(path: str):
+    import tensorflow as tf
+
+    for record in tf.data.TFRecordDataset(path, compression_type="GZIP" if path.endswith(".gz") else ""):
+        yield bytes(record.numpy())
+
+
 def _rounded(value):
     if isinstance(value, float):
         return float(f"{value:.9g}")
@@ -66,7 +104,8 @@ def _rounded(value):
 
 
 def check_one_version(results: list[dict]) -> None:
-    """Raises ValueError unless all `results` share one `code` and, per data set, one `data`.
+    """Raises ValueError unless all `results` share one `code` and, per data set, one `data` (and one
+    `records`, among the runs that recorded it).
 
     A result without a fingerprint counts as its own version ("unrecorded").
     """
@@ -82,6 +121,14 @@ def check_one_version(results: list[dict]) -> None:
     for dataset, versions in sorted(by_data.items()):
         if len(versions) > 1:
             problems.append(f"data set {dataset}: data " + _versions(versions))
+    # `records` is recorded from 2026-12-05 on: runs before it have none and are not compared.
+    by_records = collections.defaultdict(lambda: collections.defaultdict(list))
+    for r in results:
+        if "records" in r:
+            by_records[r.get("dataset", "?")][r["records"]].append(r.get("run", "?"))
+    for dataset, versions in sorted(by_records.items()):
+        if len(versions) > 1:
+            problems.append(f"data set {dataset}: records " + _versions(versions))
     if problems:
         raise ValueError(
             "the runs of this plan ran on different versions, so no table mixes them: "

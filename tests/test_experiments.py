@@ -490,6 +490,52 @@ def test_data_fingerprint_ignores_timings_and_the_input_path_only(tmp_path):
         assert provenance.data_fingerprint(str(tmp_path)) != base
 
 
+def test_records_fingerprint_sees_order_and_content_not_serialisation(tmp_path):
+    """Two builds whose stats agree can still feed training other records, or the same in another
+    order (the shuffle is seeded over file order): `records` tells them apart. Protobuf writes a
+    record's feature map in a per-process order, so the same records in other bytes hash the same."""
+    import tensorflow as tf
+    from tensorflow.core.example import example_pb2
+
+    from dnr_tf import provenance
+
+    def example(user, items, keys_order):
+        ex = example_pb2.Example()
+        for key in keys_order:  # insertion order: what varies between processes
+            if key == "user_id":
+                ex.features.feature[key].int64_list.value.append(user)
+            elif key == "item_ids":
+                ex.features.feature[key].int64_list.value.extend(items)
+            else:
+                ex.features.feature[key].float_list.value.extend([0.5] * len(items))
+        return ex.SerializeToString()
+
+    def build(name, rows, keys_order=("user_id", "item_ids", "retriever_scores")):
+        d = tmp_path / name
+        d.mkdir()
+        for split in ("train", "valid", "test"):
+            with tf.io.TFRecordWriter(str(d / f"{split}-00000-of-00001.tfrecord.gz"), options="GZIP") as w:
+                for user, items in rows[split]:
+                    w.write(example(user, items, keys_order))
+        return str(d)
+
+    rows = {"train": [(1, [3, 4]), (2, [5, 6])], "valid": [(1, [7])], "test": [(2, [8])]}
+    base = provenance.records_fingerprint(build("a", rows))
+    assert len(base) == 12
+    other_bytes = build("b", rows, keys_order=("retriever_scores", "item_ids", "user_id"))
+    assert provenance.records_fingerprint(other_bytes) == base
+    reordered = {**rows, "train": rows["train"][::-1]}
+    assert provenance.records_fingerprint(build("c", reordered)) != base
+    changed = {**rows, "test": [(2, [9])]}
+    assert provenance.records_fingerprint(build("d", changed)) != base
+
+    # Collecting: runs that recorded `records` must agree per data set; runs from before it are not compared.
+    runs = [{"run": f"r{i}", "dataset": "d", "code": "a", "data": "x", "records": "p"} for i in range(2)]
+    provenance.check_one_version(runs + [{"run": "old", "dataset": "d", "code": "a", "data": "x"}])
+    with pytest.raises(ValueError, match="data set d: records p: 2 runs"):
+        provenance.check_one_version(runs + [{"run": "r9", "dataset": "d", "code": "a", "data": "x", "records": "q"}])
+
+
 def test_a_missing_input_is_one_line_before_any_run(tmp_path, capsys):
     plan = {
         "name": "p",
