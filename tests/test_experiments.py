@@ -406,12 +406,11 @@ def test_a_shard_waits_for_the_data_set_another_shard_builds(tmp_path):
 
 def test_a_shard_that_loses_the_race_for_the_lock_waits_too(tmp_path, monkeypatch):
     """The other shard takes the lock between this one's check and its own pipeline start: the pipeline
-    refuses (a PipelineError naming the holder), and the shard waits for that build instead of failing."""
+    refuses (naming the holder), and the shard waits for that build instead of failing."""
     import subprocess
     import threading
 
     from pipeline import publish
-    from pipeline import run as pipeline_run
 
     data = tmp_path / "data"
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
@@ -428,9 +427,9 @@ def test_a_shard_that_loses_the_race_for_the_lock_waits_too(tmp_path, monkeypatc
             os.remove(publish.lock_path(str(data)))
 
         threading.Timer(0.5, other_shard_publishes).start()
-        raise pipeline_run.PipelineError(f"{data} is being written by another run (pid {holder.pid})")
+        raise experiments.BuildError(f"{data} is being written by another run (pid {holder.pid})")
 
-    monkeypatch.setattr(pipeline_run, "run", racing_pipeline)
+    monkeypatch.setattr(experiments, "_build_data_set", racing_pipeline)
     monkeypatch.setattr(experiments, "check_built_config", lambda name, ds: None)
     try:
         ds = experiments.Dataset(dir=str(data), pipeline="configs/pipeline/synthetic.yaml")
@@ -556,7 +555,15 @@ def test_a_missing_input_is_one_line_before_any_run(tmp_path, capsys):
     assert not (tmp_path / "data").exists() and not os.listdir(tmp_path / "out" / "runs")
 
 
-def test_a_failed_build_is_one_line_naming_the_data_set(tmp_path):
+def test_a_failed_build_is_one_line_naming_the_data_set(tmp_path, monkeypatch):
+    """Also: the build runs in a process of its own (stage 2's record order depends on the runner's
+    state in the process that runs it, `experiments._build_data_set`), never in the shard's."""
+    import pipeline.run
+
+    def in_this_process(argv):
+        raise AssertionError("a study data set was built in the shard's own process")
+
+    monkeypatch.setattr(pipeline.run, "run", in_this_process)
     bad = tmp_path / "u.data"
     bad.write_text("")  # an empty file: the pipeline refuses it
     ds = experiments.Dataset(
