@@ -377,8 +377,27 @@ def train_and_evaluate(cfg: ExperimentConfig, data_dir: str, model_dir: str, rob
         "test": trained["test"],
         "robustness": {k: v for k, v in robust.items() if k != "per_list_ndcg"},
         "per_list_test_ndcg": robust["per_list_ndcg"],
+        "per_list_test_ids": test_request_ids(data_dir, len(robust["per_list_ndcg"])),
         "seconds_per_epoch": trained["seconds_per_epoch"],
     }
+
+
+def test_request_ids(data_dir: str, expected: int) -> list[str]:
+    """The `request_id` of each test list, in the order `per_list_test_ndcg` holds them (file order).
+
+    Two builds of one data set can hold the same lists in another order (README "The study"), so a
+    paired comparison matches lists by these ids, not by position.
+    """
+    from dnr_tf import data as data_lib
+
+    ids = [
+        rid.decode()
+        for batch in data_lib.make_dataset(data_lib.split_pattern(data_dir, "test"), 1024)
+        for rid in batch["request_id"].numpy()
+    ]
+    if len(ids) != expected:
+        raise ValueError(f"{data_dir}: {len(ids)} test request ids for {expected} per-list values")
+    return ids
 
 
 def run_one(

@@ -204,7 +204,7 @@ def full_table(entries, resamples: int) -> list[str]:
                     lines.append(f"| {ds.display()} | {name.replace('_', ' ')} | | {cells} | | |")
         runs = ds.rows[row]
         cells = " | ".join(report._fmt([r["test"][m] for r in runs]) for m in FULL_METRICS)
-        per_list = np.array([r["per_list_test_ndcg"] for r in runs], dtype=np.float64)
+        per_list = report.per_list_matrix(runs)
         per_list = per_list[:, np.isfinite(per_list).all(axis=0)]
         ci = report.stats.bootstrap_mean(per_list, resamples=resamples) if per_list.size else None
         ci_cell = f"[{ci.low:.4f}, {ci.high:.4f}]" if ci else ""

@@ -56,6 +56,26 @@ def shared_seeds(a_runs, b_runs) -> list[int]:
     return sorted({r["seed"] for r in a_runs} & {r["seed"] for r in b_runs})
 
 
+def per_list_matrix(runs) -> np.ndarray:
+    """`[runs, lists]` per-list test NDCG, column j the same test list in every run.
+
+    Runs that record `per_list_test_ids` are matched by id (two builds of one data set can hold the
+    same lists in another order); runs from before those ids are taken in their stored order, as
+    they were written (README "The study" says which runs that is).
+    """
+    if all("per_list_test_ids" in r for r in runs):
+        order = runs[0]["per_list_test_ids"]
+        rows = []
+        for r in runs:
+            where = {rid: j for j, rid in enumerate(r["per_list_test_ids"])}
+            if set(where) != set(order):
+                raise ValueError(f"run {r.get('run', '?')}: its test lists are not those of {runs[0].get('run', '?')}")
+            values = r["per_list_test_ndcg"]
+            rows.append([values[where[rid]] for rid in order])
+        return np.array(rows, dtype=np.float64)
+    return np.array([r["per_list_test_ndcg"] for r in runs], dtype=np.float64)
+
+
 def compare(a_runs, b_runs, resamples: int = stats.RESAMPLES) -> stats.Interval | None:
     """Test NDCG@6 of row a minus row b over their shared seeds and test lists (None without a shared seed).
 
@@ -72,8 +92,8 @@ def compare(a_runs, b_runs, resamples: int = stats.RESAMPLES) -> stats.Interval 
             f"rows {a_runs[0]['row']} and {b_runs[0]['row']} ({a_runs[0]['dataset']}): per_list_test_ndcg "
             f"lengths {sorted(lists)} differ; a paired comparison needs the same test lists"
         )
-    va = np.array([a[s]["per_list_test_ndcg"] for s in seeds], dtype=np.float64)
-    vb = np.array([b[s]["per_list_test_ndcg"] for s in seeds], dtype=np.float64)
+    matrix = per_list_matrix([a[s] for s in seeds] + [b[s] for s in seeds])
+    va, vb = matrix[: len(seeds)], matrix[len(seeds) :]
     keep = np.isfinite(va).all(axis=0) & np.isfinite(vb).all(axis=0)
     if not keep.any():
         return None

@@ -56,6 +56,8 @@ def test_tiny_plan_runs_resumes_and_reports(synthetic_data, tmp_path, capsys):
         assert (r["epochs_run"], r["max_epochs"], r["stopped_early"]) == (1, 1, False)
         assert set(r["robustness"]) == {"clean", "shuffle", "gauss_0.1"}
         assert len(r["per_list_test_ndcg"]) == results["baselines"]["synthetic"]["lists"]
+        ids = r["per_list_test_ids"]
+        assert len(ids) == len(set(ids)) == len(r["per_list_test_ndcg"]) and len(r["records"]) == 12
         assert r["config"]["train"]["seed"] == 0 and r["wall_seconds"] > 0
         assert r["reused_trial"] == r["run"].replace("__s0", "__t0") and r["tuning"]["budget"] == 1
         ((key, value),) = r["tuning"]["chosen"].items()

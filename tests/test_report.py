@@ -85,6 +85,26 @@ def test_compare_uses_only_the_shared_seeds():
         report.compare(a, [dict(r, per_list_test_ndcg=[0.0]) for r in b])
 
 
+def test_lists_are_paired_by_request_id_not_by_position():
+    """Two builds of one data set can hold the same test lists in another order: runs that record
+    `per_list_test_ids` are matched list by list; the position would pair different lists."""
+    ids = [f"u{j}:0" for j in range(6)]
+    a = [{"run": "a", "seed": 0, "per_list_test_ndcg": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6], "per_list_test_ids": ids}]
+    # b: a - 0.1 on every list, written in reverse order
+    b = [{"run": "b", "seed": 0, "per_list_test_ndcg": [0.5, 0.4, 0.3, 0.2, 0.1, 0.0], "per_list_test_ids": ids[::-1]}]
+    c = report.compare(a, b, resamples=200)
+    assert c.mean == pytest.approx(0.1) and c.low == pytest.approx(0.1) and c.high == pytest.approx(0.1)
+    by_position = report.compare(
+        [{k: v for k, v in a[0].items() if k != "per_list_test_ids"}],
+        [{k: v for k, v in b[0].items() if k != "per_list_test_ids"}],
+        resamples=200,
+    )
+    assert by_position.high - by_position.low > 0.1, "what the ids prevent: lists paired with others"
+    other = [dict(b[0], per_list_test_ids=[f"v{j}:0" for j in range(6)])]
+    with pytest.raises(ValueError, match="its test lists are not those of a"):
+        report.compare(a, other)
+
+
 def test_headline_best_direct_by_validation_holm_and_leaky_apart():
     summaries = [("reports/tiny/results.json", _summary())]
     lines, data = hl.headline(summaries, resamples=300)
