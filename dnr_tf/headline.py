@@ -205,8 +205,12 @@ def full_table(entries, resamples: int) -> list[str]:
         runs = ds.rows[row]
         cells = " | ".join(report._fmt([r["test"][m] for r in runs]) for m in FULL_METRICS)
         per_list = report.per_list_matrix(runs)
-        per_list = per_list[:, np.isfinite(per_list).all(axis=0)]
-        ci = report.stats.bootstrap_mean(per_list, resamples=resamples) if per_list.size else None
+        if report.lists_matched(runs):
+            per_list = per_list[:, np.isfinite(per_list).all(axis=0)]
+            ci = report.stats.bootstrap_mean(per_list, resamples=resamples) if per_list.size else None
+        else:  # each run's lists drawn on their own
+            rows = [row[np.isfinite(row)] for row in per_list]
+            ci = report.stats.bootstrap_mean_unpaired(rows, resamples=resamples) if all(r.size for r in rows) else None
         ci_cell = f"[{ci.low:.4f}, {ci.high:.4f}]" if ci else ""
         valid = report._fmt([r["valid"]["ndcg@6"] for r in runs])
         lines.append(f"| {ds.display()} | `{row}` | {len(runs)} | {cells} | {ci_cell} | {valid} |")

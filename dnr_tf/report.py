@@ -56,6 +56,12 @@ def shared_seeds(a_runs, b_runs) -> list[int]:
     return sorted({r["seed"] for r in a_runs} & {r["seed"] for r in b_runs})
 
 
+def lists_matched(runs) -> bool:
+    """Whether column j of `per_list_matrix(runs)` is the same test list in every run: all recorded
+    their list ids. (Runs without them are compared unpaired: `stats.unpaired_difference`.)"""
+    return all("per_list_test_ids" in r for r in runs)
+
+
 def per_list_matrix(runs) -> np.ndarray:
     """`[runs, lists]` per-list test NDCG, column j the same test list in every run.
 
@@ -92,8 +98,13 @@ def compare(a_runs, b_runs, resamples: int = stats.RESAMPLES) -> stats.Interval 
             f"rows {a_runs[0]['row']} and {b_runs[0]['row']} ({a_runs[0]['dataset']}): per_list_test_ndcg "
             f"lengths {sorted(lists)} differ; a paired comparison needs the same test lists"
         )
-    matrix = per_list_matrix([a[s] for s in seeds] + [b[s] for s in seeds])
+    runs = [a[s] for s in seeds] + [b[s] for s in seeds]
+    matrix = per_list_matrix(runs)
     va, vb = matrix[: len(seeds)], matrix[len(seeds) :]
+    if not lists_matched(runs):  # lists cannot be paired: each run's are drawn on their own
+        return stats.unpaired_difference(
+            [row[np.isfinite(row)] for row in va], [row[np.isfinite(row)] for row in vb], resamples=resamples
+        )
     keep = np.isfinite(va).all(axis=0) & np.isfinite(vb).all(axis=0)
     if not keep.any():
         return None

@@ -69,6 +69,62 @@ def _replicates(v: np.ndarray, resamples: int, seed: int) -> np.ndarray:
     return out
 
 
+def _rows(values, name: str) -> list[np.ndarray]:
+    rows = [np.asarray(r, dtype=np.float64).reshape(-1) for r in values]
+    if not rows or any(r.size == 0 for r in rows):
+        raise ValueError(f"{name}: expected one non-empty row of per-list values per seed")
+    if not all(np.all(np.isfinite(r)) for r in rows):
+        raise ValueError(f"{name}: per-list values must be finite")
+    return rows
+
+
+def _replicates_unpaired(rows: list[np.ndarray], seed_counts: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Replicates of the mean over seeds of each seed's mean over lists, the lists drawn anew for
+    every seed (run): for runs whose j-th value need not be the same test list. `seed_counts`
+    [resamples, S] are given, so that two arms can share them."""
+    resamples, n_seeds = seed_counts.shape
+    out = np.empty(resamples)
+    for start in range(0, resamples, _CHUNK):
+        b = min(_CHUNK, resamples - start)
+        row_means = np.stack([(_counts(rng, b, row.size) @ row) / row.size for row in rows], axis=1)  # [b, S]
+        out[start : start + b] = np.einsum("bs,bs->b", seed_counts[start : start + b], row_means) / n_seeds
+    return out
+
+
+def unpaired_difference(a, b, resamples: int = RESAMPLES, level: float = LEVEL, seed: int = 0) -> Interval:
+    """Difference of two rows over shared seeds when their runs' test lists cannot be matched.
+
+    `a`, `b`: one row of per-list values per seed, the same seeds in the same order (rows may differ
+    in length). As `paired_difference`, seeds are drawn once for both arms, but each run's lists are
+    drawn on their own: the j-th value of one run need not be the j-th test list of another (runs
+    that did not record their list ids, README "The study"). The estimate is the mean over seeds of
+    each run's mean over lists; the interval is wider in expectation than a paired one, as the lists'
+    shared difficulty no longer cancels.
+    """
+    a, b = _rows(a, "a"), _rows(b, "b")
+    if len(a) != len(b):
+        raise ValueError(f"a and b must share seeds: {len(a)} and {len(b)} rows")
+    rng = np.random.default_rng(seed)
+    seed_counts = _counts(rng, resamples, len(a))
+    reps = _replicates_unpaired(a, seed_counts, rng) - _replicates_unpaired(b, seed_counts, rng)
+    low, high = _percentiles(reps, level)
+    tail = min(np.sum(reps <= 0), np.sum(reps >= 0))
+    p = min(1.0, 2.0 * (tail + 1) / (resamples + 1))
+    mean = float(np.mean([r.mean() for r in a]) - np.mean([r.mean() for r in b]))
+    return Interval(mean, low, high, p, seeds=len(a), lists=min(r.size for r in a + b))
+
+
+def bootstrap_mean_unpaired(values, resamples: int = RESAMPLES, level: float = LEVEL, seed: int = 0) -> Interval:
+    """`bootstrap_mean` for runs whose j-th values need not be the same test list: lists drawn per run."""
+    rows = _rows(values, "values")
+    rng = np.random.default_rng(seed)
+    reps = _replicates_unpaired(rows, _counts(rng, resamples, len(rows)), rng)
+    low, high = _percentiles(reps, level)
+    return Interval(
+        float(np.mean([r.mean() for r in rows])), low, high, seeds=len(rows), lists=min(r.size for r in rows)
+    )
+
+
 def _percentiles(replicates: np.ndarray, level: float) -> tuple[float, float]:
     tail = (1.0 - level) / 2.0
     low, high = np.quantile(replicates, [tail, 1.0 - tail])

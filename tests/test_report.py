@@ -27,6 +27,7 @@ def _run(row, dataset, seed, per_list, valid, arm=None, epochs=10, best=5, retra
         "test": {m: test for m in report.METRICS},
         "robustness": {"clean": {"ndcg@6": test}},
         "per_list_test_ndcg": per_list,
+        "per_list_test_ids": [f"{dataset}:{j}" for j in range(len(per_list))],
         **extra,
     }
     if retrained is not None:
@@ -83,6 +84,11 @@ def test_compare_uses_only_the_shared_seeds():
     assert report.compare(a, [dict(r, seed=r["seed"] + 10) for r in b]) is None
     with pytest.raises(ValueError, match="per_list_test_ndcg lengths"):
         report.compare(a, [dict(r, per_list_test_ndcg=[0.0]) for r in b])
+    # Runs without list ids (before 2026-12-05) cannot be paired list by list: the same mean, drawn
+    # per run, so a wider interval that still holds it.
+    bare = [{k: v for k, v in r.items() if k != "per_list_test_ids"} for r in b]
+    u = report.compare(a, bare, resamples=200)
+    assert u.mean == pytest.approx(c.mean) and u.low < c.low - 0.01 and u.high > c.high + 0.01
 
 
 def test_lists_are_paired_by_request_id_not_by_position():

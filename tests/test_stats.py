@@ -110,3 +110,26 @@ def test_refusals():
         paired_difference([[np.nan, 1.0]], [[0.0, 0.0]])
     with pytest.raises(ValueError, match="shape"):
         bootstrap_mean(np.zeros((0, 3)))
+
+
+def test_unpaired_difference_draws_each_runs_lists_on_their_own():
+    """For runs whose j-th values need not be the same list: the mean of each run's mean, rows may
+    differ in length, constant rows give a point interval, and pairing does not narrow it."""
+    import numpy as np
+
+    from dnr_tf import stats
+
+    c = stats.unpaired_difference([[0.3, 0.3, 0.3], [0.5, 0.5]], [[0.1, 0.1], [0.2, 0.2, 0.2, 0.2]], resamples=300)
+    assert c.mean == pytest.approx(0.4 - 0.15) and c.low == pytest.approx(0.2) and c.high == pytest.approx(0.3)
+    point = stats.unpaired_difference([[0.3, 0.3, 0.3], [0.3, 0.3]], [[0.1, 0.1], [0.1] * 4], resamples=300)
+    assert point.low == pytest.approx(0.2) and point.high == pytest.approx(0.2)
+    rng = np.random.default_rng(1)
+    difficulty = rng.random((3, 200))
+    a, b = difficulty + 0.02, difficulty  # the same lists, a better by 0.02 on each
+    paired = stats.paired_difference(a, b, resamples=500)
+    unpaired = stats.unpaired_difference(a, b, resamples=500)
+    assert paired.mean == pytest.approx(unpaired.mean)
+    assert unpaired.high - unpaired.low > 5 * (paired.high - paired.low)
+    assert unpaired.low < 0.02 < unpaired.high
+    m = stats.bootstrap_mean_unpaired([[0.2, 0.4], [0.6]], resamples=200)
+    assert m.mean == pytest.approx(0.45) and m.low <= m.mean <= m.high
