@@ -66,10 +66,10 @@ def per_list_matrix(runs) -> np.ndarray:
     """`[runs, lists]` per-list test NDCG, column j the same test list in every run.
 
     Runs that record `per_list_test_ids` are matched by id (two builds of one data set can hold the
-    same lists in another order); runs from before those ids are taken in their stored order, as
-    they were written (README "The study" says which runs that is).
+    same lists in another order). Without ids in every run, the stored order is returned, and its
+    columns need not be the same lists (`lists_matched` is False: compare those runs unpaired).
     """
-    if all("per_list_test_ids" in r for r in runs):
+    if lists_matched(runs):
         order = runs[0]["per_list_test_ids"]
         rows = []
         for r in runs:
