@@ -27,7 +27,9 @@ holds no `schema.json`. Without `tune`, every run (row x data set x seed) writes
 epoch, validation and test metrics, robustness, wall time). With `tune` (syntax: `dnr_tf.tuning`),
 the row first runs its trials `<row>__<dataset>__t<k>/` (seed `tune_seed`, setting k of a random
 search), picks the trial with the highest validation monitor, then runs its seeds with that setting;
-the seed equal to `tune_seed` reuses the chosen trial (the same config and seed: the same run). A
+the seed equal to `tune_seed` reuses the chosen trial (the same config and seed: the same run) when
+that trial records its test lists' ids (`per_list_test_ids`; trials from before 2026-12-05 do not, and
+their seed is trained again so that every seed's lists can be paired by id). A
 run with a `result.json` is never redone, and a half-done run resumes from its backup. At the end,
 `<out>/results.json` collects every seed run (`runs`) and every trial (`trials`), and
 `dnr_tf.report` writes the tables.
@@ -518,9 +520,11 @@ def do_work(plan: Plan, work: Work, out: str) -> dict | None:
     if record is None:
         return None
     extra = {"phase": "final", "tuning": record}
-    if record["tuned_on"] == dataset and work.seed == plan.tune_seed:
+    trial = read_result(out, record["chosen_trial"]) if record["tuned_on"] == dataset else None
+    if trial is not None and work.seed == plan.tune_seed and "per_list_test_ids" in trial:
         # The chosen trial is this very run (same config, same seed): reuse it rather than train it twice.
-        trial = read_result(out, record["chosen_trial"])
+        # A trial from before `per_list_test_ids` is not reused: its lists could be paired with the
+        # other seeds' by position only, so seed 0 is trained again on the data set as built now.
         model_dir = os.path.join(out, "runs", work.run)
         src = os.path.join(out, "runs", record["chosen_trial"])
         shutil.copytree(src, model_dir, ignore=shutil.ignore_patterns("backup", "result.json*"), dirs_exist_ok=True)

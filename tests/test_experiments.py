@@ -119,6 +119,7 @@ def fake_train(calls):
             "test": {"ndcg@6": 1 - valid},
             "robustness": {},
             "per_list_test_ndcg": [],
+            "per_list_test_ids": [],
             "seconds_per_epoch": [0.0],
         }
 
@@ -223,6 +224,29 @@ def test_resume_after_partial_tuning(stubbed, monkeypatch, tmp_path):
     assert main(["--plan", plan, "--out", str(out)]) == 0
     assert stubbed == ["prm__a__t0", "prm__a__t1", "prm__a__t2", "prm__a__s1"]
     assert len(json.loads((out / "results.json").read_text())["runs"]) == 2
+
+
+def test_a_chosen_trial_without_list_ids_is_trained_again(stubbed, tmp_path):
+    # trials from before per_list_test_ids (2026-12-05): their lists pair with other seeds' by
+    # position only, so the tune seed is trained again rather than copied
+    plan = write_plan(tmp_path, [tuned_row("prm")])
+    out = tmp_path / "out"
+    assert main(["--plan", plan, "--out", str(out), "--phase", "tune"]) == 0
+    for k in range(3):
+        path = out / "runs" / f"prm__a__t{k}" / "result.json"
+        old = json.loads(path.read_text())
+        del old["per_list_test_ids"]
+        path.write_text(json.dumps(old))
+    stubbed.clear()
+    assert main(["--plan", plan, "--out", str(out)]) == 0
+    assert sorted(stubbed) == ["prm__a__s0", "prm__a__s1"]
+    runs = {r["run"]: r for r in json.loads((out / "results.json").read_text())["runs"]}
+    assert "reused_trial" not in runs["prm__a__s0"] and "per_list_test_ids" in runs["prm__a__s0"]
+    tuned = runs["prm__a__s0"]["tuning"]
+    best = max(tuned["trials"], key=lambda t: t["valid"])
+    assert tuned["chosen_trial"] == best["run"]  # still chosen on validation
+    lr = runs["prm__a__s0"]["config"]["train"]["learning_rate"]
+    assert lr == pytest.approx(best["setting"]["train.learning_rate"])
 
 
 def test_two_shards_give_the_results_of_one(stubbed, tmp_path, capsys):
