@@ -167,7 +167,8 @@ class PipelineConfig:
         k: items shown (the cutoff of the stats' metrics).
         paper_retriever_fraction: share of all interactions training the retriever (paper protocol).
         seed: seed of everything random (retriever, simulator, random-order baseline).
-        output_shards: shards per split (0 lets the runner decide).
+        output_shards: files per split. A record's file is a stable hash of its request id, and each
+            file holds its records by user, time and request id, so every runner writes the same files.
         max_reject_share: the run fails, writing no TFRecords, when more than this share of the input
             records is rejected (every one is still listed in `rejects-*.jsonl`): a data set built
             from what is left would be skewed. 1.0 accepts any share.
@@ -213,7 +214,11 @@ class PipelineConfig:
             "must exceed horizon under the paper protocol",
         )
         check(0.0 < self.paper_retriever_fraction < 1.0, "paper_retriever_fraction", "must be in (0, 1)")
-        check(self.output_shards >= 0, "output_shards", "must be >= 0")
+        check(
+            self.output_shards >= 1,
+            "output_shards",
+            "must be >= 1 (records are sharded by request id, so that every runner writes the same files)",
+        )
         check(0.0 <= self.max_reject_share <= 1.0, "max_reject_share", "must be in [0, 1]")
         check(
             self.retriever.kind == "mf" or self.protocol == "cascade",

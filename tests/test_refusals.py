@@ -85,7 +85,7 @@ BAD_VALUES = [
     (PipelineConfig, "k", 0, "list_size"),
     (PipelineConfig, "paper_retriever_fraction", 0.0, "(0, 1)"),
     (PipelineConfig, "seed", -1, "[0, 4294967295]"),
-    (PipelineConfig, "output_shards", -1, ">= 0"),
+    (PipelineConfig, "output_shards", 0, ">= 1"),
     (PipelineConfig, "max_reject_share", 1.5, "[0, 1]"),
     (PipelineConfig, "retriever.dim", 0, "positive"),
     (PipelineConfig, "retriever.epochs", 0, "positive"),
