@@ -18,6 +18,12 @@ of the largest single process is also reported (`wait4`'s rusage), and each proc
 runs ML-100K and a 100,000-interaction synthetic set with one worker and 3 retriever epochs, under a
 minute.
 
+    git worktree add /tmp/base REV   # the previous code
+    python -m bench.pipeline --datasets ml1m --workers 1 --baseline /tmp/base --output bench/results/pipeline_speed.json
+
+`--baseline` runs each data set with the previous code's pipeline just before the current one, and
+adds its time, the speed-up and whether the two wrote the same records (`records_fingerprint`).
+
     python -m bench.pipeline --doubling --output bench/results/pipeline_doubling.json
 
 `--doubling` runs the synthetic set at `--interactions` N (default 100,000; 1,000 users a 100,000)
@@ -116,13 +122,13 @@ def _peak_rss(pid: int) -> int:
     return 0
 
 
-def run_pipeline(args: list[str], log_path: str) -> dict:
-    """Runs `python -m pipeline.run args`, sampling the memory of its process tree."""
+def run_pipeline(args: list[str], log_path: str, tree: str = ROOT) -> dict:
+    """Runs `python -m pipeline.run args` in `tree` (a checkout), sampling its process tree's memory."""
     peak = [0]
     own_peaks = {}  # pid -> (start time, peak resident bytes)
     with open(log_path, "w") as log:
         start = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-m", "pipeline.run", *args], cwd=ROOT, stdout=log, stderr=log)
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline.run", *args], cwd=tree, stdout=log, stderr=log)
         done = threading.Event()
 
         def sample():
@@ -199,6 +205,11 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="a run under a minute")
     parser.add_argument("--doubling", action="store_true", help="peak memory at N and 2N interactions only")
     parser.add_argument("--interactions", type=int, default=100_000, help="N of --doubling")
+    parser.add_argument(
+        "--baseline",
+        help="a checkout of the previous code (git worktree add DIR REV): each run is also made with its "
+        "pipeline, just before, and the row gets its time, the speed-up and whether the records are the same",
+    )
     args = parser.parse_args(argv)
     args.output = args.output or f"bench/results/pipeline{'_doubling' if args.doubling else ''}.json"
     if args.doubling:
@@ -251,9 +262,23 @@ def main(argv=None) -> int:
             if args.quick:
                 extra += ["--set", "retriever.epochs=3"]
             print(f"{name}, {w} worker(s) ...", flush=True)
+            if args.baseline:
+                base_out = out + "-baseline"
+                log = os.path.join(work, f"{name}-w{w}-baseline.log")
+                base = run_pipeline([*base_args, "--output_dir", base_out, *extra], log, tree=args.baseline)
             row = run_pipeline([*base_args, "--output_dir", out, *extra], os.path.join(work, f"{name}-w{w}.log"))
             with open(os.path.join(out, "stats.json")) as f:
                 stats = json.load(f)
+            row["stage_timings_s"] = stats.get("timings", {})
+            if args.baseline:
+                from dnr_tf.provenance import records_fingerprint
+
+                with open(os.path.join(base_out, "stats.json")) as f:
+                    base["stage_timings_s"] = json.load(f).get("timings", {})
+                row["baseline"] = base
+                row["speedup"] = base["wall_s"] / row["wall_s"]
+                row["same_records"] = records_fingerprint(out) == records_fingerprint(base_out)
+                print(f"  baseline {base['wall_s']:.1f} s {base['stage_timings_s']}", flush=True)
             row.update(
                 dataset=name,
                 workers=w,
@@ -264,7 +289,8 @@ def main(argv=None) -> int:
             result["runs"].append(row)
             print(
                 f"  {row['wall_s']:.1f} s, {row['interactions_per_s']:,.0f} interactions/s, "
-                f"peak {row['peak_tree_rss_mb']:,.0f} MB (all processes), {row['lists']:,} lists",
+                f"peak {row['peak_tree_rss_mb']:,.0f} MB (all processes), {row['lists']:,} lists "
+                f"{row['stage_timings_s']}" + (f", {row['speedup']:.2f}x the baseline" if args.baseline else ""),
                 flush=True,
             )
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)

@@ -10,6 +10,7 @@ lists (logged, synthetic):
 
 from __future__ import annotations
 
+import collections
 import gzip
 import json
 import os
@@ -69,48 +70,85 @@ class _OrderTimeline(beam.DoFn):
 
 
 def _kcore_pass(kv, item_counts, min_count):
-    user, timeline = kv
-    kept = [r for r in timeline if item_counts.get(r.item, 0) >= min_count]
+    user, items = kv
+    kept = tuple(i for i in items if item_counts.get(i, 0) >= min_count)
     if len(kept) >= min_count:
         yield user, kept
+
+
+def _kcore_keep(kv, final_counts, min_count):
+    """A user's timeline restricted to the items of the final pass, if it keeps `min_count` of them.
+
+    The same as running every pass on the whole timeline: an item's count can only fall from one
+    pass to the next, so the kept item sets shrink and the last one (its items are those with a
+    final count) holds every item a surviving user kept; and a user the passes dropped has fewer
+    than `min_count` of them.
+    """
+    user, timeline = kv
+    kept = [r for r in timeline if r.item in final_counts]
+    if len(kept) >= min_count:
+        yield user, kept
+
+
+class _ItemCounts(beam.CombineFn):
+    """{item: interactions} over (user, items) elements: one Counter a bundle, merged."""
+
+    def create_accumulator(self):
+        return collections.Counter()
+
+    def add_input(self, counts, kv):
+        counts.update(kv[1])
+        return counts
+
+    def merge_accumulators(self, accumulators):
+        merged = collections.Counter()
+        for counts in accumulators:
+            merged.update(counts)
+        return merged
+
+    def extract_output(self, counts):
+        return dict(counts)
 
 
 def kcore(timelines, min_count: int, iters: int, stat_parts: list):
     """Users and items with at least `min_count` interactions, iterated `iters` passes.
 
-    Each pass counts items over the current timelines (a combiner, then a side input of
-    O(items)), drops rare items from every timeline and then users left with too few.
-    After the last pass, the number of items still below the threshold is reported: the driver
-    fails the run if it is not 0 (the fixed point was not reached).
+    The passes run on each user's item ids only, a tuple of ints (Beam encodes it without pickling
+    an Interaction per item: on a 1M-interaction input, the passes pickled ~10M of them). Each pass
+    counts items (a combiner of per-bundle counters, then a side input of O(items)), drops rare items
+    from every user and then users left with too few. The full timelines are then filtered once by
+    the last pass's items (`_kcore_keep`). After the last pass, the number of items still below the
+    threshold is reported: the driver fails the run if it is not 0 (the fixed point was not
+    reached). Returns the timelines and the final (item, count) pairs.
     """
+    items = timelines | "KCoreItemIds" >> beam.Map(lambda kv: (kv[0], tuple(r.item for r in kv[1])))
     for it in range(iters):
-        counts = (
-            timelines
-            | f"KCoreItems{it}" >> beam.FlatMap(lambda kv: [r.item for r in kv[1]])
-            | f"KCoreCount{it}" >> beam.combiners.Count.PerElement()
-        )
-        timelines = timelines | f"KCorePass{it}" >> beam.FlatMap(
-            _kcore_pass, item_counts=beam.pvalue.AsDict(counts), min_count=min_count
+        counts = items | f"KCoreCount{it}" >> beam.CombineGlobally(_ItemCounts())
+        items = items | f"KCorePass{it}" >> beam.FlatMap(
+            _kcore_pass, item_counts=beam.pvalue.AsSingleton(counts), min_count=min_count
         )
         stat_parts.append(
-            stats.total(timelines, f"kcore.interactions_after_pass.{it + 1}", f"KCoreSize{it}", lambda kv: len(kv[1]))
+            stats.total(items, f"kcore.interactions_after_pass.{it + 1}", f"KCoreSize{it}", lambda kv: len(kv[1]))
         )
-    final_counts = (
-        timelines
-        | "FinalItems" >> beam.FlatMap(lambda kv: [r.item for r in kv[1]])
-        | "FinalCount" >> beam.combiners.Count.PerElement()
-    )
+    final = items | "FinalCount" >> beam.CombineGlobally(_ItemCounts())
     stat_parts.append(
-        final_counts
-        | "Unconverged" >> beam.Map(lambda kv: int(kv[1] < min_count))
-        | "SumUnconverged" >> beam.CombineGlobally(sum)
+        final
+        | "Unconverged" >> beam.Map(lambda counts: sum(int(n < min_count) for n in counts.values()))
         | "KeyUnconverged" >> beam.Map(lambda n: ("kcore.items_below_min_count_after_last_pass", n))
     )
-    return timelines, final_counts
+    kept = timelines | "KCoreKeep" >> beam.FlatMap(
+        _kcore_keep, final_counts=beam.pvalue.AsSingleton(final), min_count=min_count
+    )
+    final_counts = final | "FinalItems" >> beam.FlatMap(lambda counts: sorted(counts.items()))
+    return kept, final_counts
 
 
 def _window_pairs(kv, cfg: PipelineConfig):
-    """The retriever's training interactions of one user, tagged train / heldout by a stable hash."""
+    """The retriever's training interactions of one user, tagged train / heldout by a stable hash.
+
+    Each `user<TAB>item` line goes to the window file its stable hash picks (`write_window`); one
+    element is emitted per (split, file) and user, holding that user's lines, not one per line.
+    """
     user, timeline = kv
     if cfg.protocol == "cascade":
         w = protocol.retriever_window_size(len(timeline), cfg.retriever_fraction)
@@ -119,12 +157,22 @@ def _window_pairs(kv, cfg: PipelineConfig):
         inside = [stable_fraction(cfg.seed, "paper", user, r.item) < cfg.paper_retriever_fraction for r in timeline]
         window = [r for r, i in zip(timeline, inside) if i]
         future = [r for r, i in zip(timeline, inside) if not i]
+    shards, seed = cfg.retriever.window_shards, cfg.seed
+    groups: dict[tuple[str, int], list[str]] = {}
     for r in window:
         held = stable_fraction(cfg.seed, "heldout", user, r.item) < cfg.retriever.holdout_fraction
-        yield beam.pvalue.TaggedOutput("heldout" if held else "train", f"{user}\t{r.item}")
+        line = f"{user}\t{r.item}"
+        groups.setdefault(("heldout" if held else "train", _window_shard(seed, shards, line)), []).append(line)
     # Interactions the retriever never saw (the request period): its AUC where it is used.
     for r in future:
-        yield beam.pvalue.TaggedOutput("future", f"{user}\t{r.item}")
+        line = f"{user}\t{r.item}"
+        groups.setdefault(("future", _window_shard(seed, shards, line)), []).append(line)
+    for (split, shard), lines in groups.items():
+        yield beam.pvalue.TaggedOutput(split, (shard, lines))
+
+
+def _window_shard(seed: int, shards: int, line: str) -> int:
+    return int(stable_fraction(seed, "shard", line) * shards)
 
 
 class _WriteSortedShard(beam.DoFn):
@@ -142,8 +190,11 @@ class _WriteSortedShard(beam.DoFn):
         from apache_beam.io.filesystem import CompressionTypes
         from apache_beam.io.filesystems import FileSystems
 
-        shard, lines = kv
-        lines = sorted(lines, key=lambda line: (stable_fraction(self._seed, "order", line), line))
+        shard, groups = kv
+        lines = sorted(
+            (line for lines in groups for line in lines),
+            key=lambda line: (stable_fraction(self._seed, "order", line), line),
+        )
         path = f"{self._prefix}-{shard:05d}-of-{self._shards:05d}.tsv.gz"
         with FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
             f.write(gzip.compress(("\n".join(lines) + "\n").encode(), mtime=0))
@@ -151,11 +202,10 @@ class _WriteSortedShard(beam.DoFn):
 
 
 def write_window(pcoll, cfg: PipelineConfig, prefix: str, label: str):
-    """`user<TAB>item` lines into `window_shards` files keyed by a stable hash of the line."""
+    """(file, lines) groups (`_window_pairs`) into `window_shards` files of `user<TAB>item` lines."""
     shards, seed = cfg.retriever.window_shards, cfg.seed
     return (
         pcoll
-        | f"Shard{label}" >> beam.Map(lambda line: (int(stable_fraction(seed, "shard", line) * shards), line))
         | f"GroupShard{label}" >> beam.GroupByKey()
         | f"WriteShard{label}" >> beam.ParDo(_WriteSortedShard(prefix, shards, seed))
     )
@@ -203,7 +253,9 @@ def interactions_stage(p, read, cfg: PipelineConfig, output_dir: str) -> None:
     for split in ("train", "heldout", "future"):
         pcoll = getattr(window, split)
         write_window(pcoll, cfg, work_path(output_dir, f"window-{split}"), split)
-        stat_parts.append(stats.count(pcoll, f"retriever.window_{split}_interactions", f"Window{split}"))
+        stat_parts.append(
+            stats.total(pcoll, f"retriever.window_{split}_interactions", f"Window{split}", lambda kv: len(kv[1]))
+        )
     rejects = (parsed[REJECTS], ordered[REJECTS]) | "AllRejects" >> beam.Flatten()
     write_rejects(rejects, output_dir, "interactions", stat_parts)
     stats.write_stats(stat_parts, work_path(output_dir, "stats-stage1"))
