@@ -205,14 +205,20 @@ def runs_of(plan: Plan):
 
 
 def works_of(plan: Plan, phase: str = "all") -> list[Work]:
-    """Every run of the plan: the trials first (row by row), then the seed runs."""
+    """Every run of the plan: the trials first (row by row), then the seed runs data set by data set
+    (in the plan's order), seed by seed, every row of one seed together: a study stopped partway has
+    every arm of its first data sets at the same seeds, not one arm on every data set."""
     trials = []
     for row in plan.rows:
         for dataset in row.datasets:
             tune = tuning.resolve(plan, row, dataset)
             if tune is not None and tune.source == dataset:
                 trials += [Work(row, dataset, plan.tune_seed, k) for k in range(tune.trials)]
-    finals = [Work(row, dataset, seed) for row, dataset, seed in runs_of(plan)]
+    order = {name: i for i, name in enumerate(plan.datasets)}
+    finals = sorted(
+        (Work(row, dataset, seed) for row, dataset, seed in runs_of(plan)),
+        key=lambda w: (order[w.dataset], w.seed),  # stable: rows in plan order within a seed
+    )
     return {"all": trials + finals, "tune": trials, "final": finals}[phase]
 
 

@@ -226,6 +226,17 @@ def test_resume_after_partial_tuning(stubbed, monkeypatch, tmp_path):
     assert len(json.loads((out / "results.json").read_text())["runs"]) == 2
 
 
+def test_seed_runs_go_data_set_by_data_set_and_seed_by_seed(tmp_path):
+    # a study stopped partway has every arm of its first data sets at the same seeds
+    rows = [tuned_row("prm"), tuned_row("dnr_b", config=DNR_B, arm="dnr_b")]
+    for row in rows:
+        row["datasets"] = ["b", "a"]
+    plan = experiments.load_plan(write_plan(tmp_path, rows))
+    finals = [w.run for w in experiments.works_of(plan, "final")]
+    assert finals == [f"{r}__{d}__s{s}" for d in "ab" for s in (0, 1) for r in ("prm", "dnr_b")]
+    assert experiments.works_of(plan)[: -len(finals)] == experiments.works_of(plan, "tune")
+
+
 def test_a_chosen_trial_without_list_ids_is_trained_again(stubbed, tmp_path):
     # trials from before per_list_test_ids (2026-12-05): their lists pair with other seeds' by
     # position only, so the tune seed is trained again rather than copied
