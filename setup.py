@@ -16,7 +16,7 @@ setup(
         "keras==3.15.1",
         "keras-rs==0.4.0",
         "apache-beam==2.77.0",
-        "google-crc32c",  # TFRecord checksums in Beam's WriteToTFRecord
+        "google-crc32c",  # TFRecord checksums (pipeline.stages._tfrecord)
         "tensorflow-datasets",
         "tensorboard",
         "numpy",
