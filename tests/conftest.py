@@ -86,6 +86,30 @@ def smoke_run(synthetic_data, tmp_path_factory):
     return {"run": tmp / "run", "result": result, "export": path, "data_dir": data_dir}
 
 
+@pytest.fixture(scope="session")
+def nan_skip_run(synthetic_data, tmp_path_factory):
+    """configs/smoke.yaml with dropout 0 and `train.on_nonfinite=skip`, trained once in this process on
+    a copy of `synthetic_data` whose first train list has a NaN retriever score.
+
+    Shared by the skip policy's test and the distribution tests, which compare their runs (dropout
+    masks are drawn per replica, hence dropout 0) with this one process's. A dict: `data_dir` (the
+    copy with the NaN), `run` (run directory), `result` (its metrics.json).
+    """
+    import json
+
+    from test_reliability_train import _data_with_a_nan_score
+
+    from dnr_tf.train import main
+
+    tmp = tmp_path_factory.mktemp("nan_skip_run")
+    data_dir = _data_with_a_nan_score(synthetic_data[0], tmp / "data")
+    args = ["--config", os.fspath(ROOT / "configs/smoke.yaml"), "--data_dir", os.fspath(data_dir)]
+    args += ["--model_dir", os.fspath(tmp / "run"), "--set", "model.dropout=0", "--set", "train.on_nonfinite=skip"]
+    assert main(args) == 0
+    result = json.loads((tmp / "run" / "metrics.json").read_text())
+    return {"data_dir": data_dir, "run": tmp / "run", "result": result}
+
+
 # --- scheduling on pytest-xdist workers (`make test`: -n 2 --dist loadgroup) ---
 # Each file runs whole on one worker (its module fixtures are built once), and the files that share
 # a costly session fixture form one group: ML-100K's pipeline (35 s) and the smoke run are built
@@ -98,6 +122,8 @@ GROUPS = {
     # `smoke_run` (a DNR-B training and an export) is shared by these three.
     "test_export.py": "test_train.py",
     "test_serving_fuzz.py": "test_train.py",
+    # `nan_skip_run` (a DNR-B training on data with a NaN score) is shared by these two.
+    "test_reliability_train.py": "test_distribute.py",
 }
 
 

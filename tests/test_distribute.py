@@ -70,21 +70,17 @@ def _assert_same_run(got, want):
 
 
 @pytest.fixture(scope="module")
-def nan_data(synthetic_data, tmp_path_factory):
+def nan_data(nan_skip_run):
     """The synthetic data with a NaN retriever score in one train list, trained with
     `train.on_nonfinite=skip` by every run of this file: each run also shows that a non-finite step on
     one replica (or worker) is skipped by all, counted once, and leaves the run the one process's."""
-    from test_reliability_train import _data_with_a_nan_score
-
-    return _data_with_a_nan_score(synthetic_data[0], tmp_path_factory.mktemp("nan") / "data")
+    return nan_skip_run["data_dir"]
 
 
 @pytest.fixture(scope="module")
-def one_process(nan_data, tmp_path_factory):
-    model_dir = tmp_path_factory.mktemp("one_process")
-    done = subprocess.run(_train_args(nan_data, model_dir), cwd=ROOT, env=_env(), capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    want = _metrics(model_dir)
+def one_process(nan_skip_run):
+    """The same command's run in one process, no strategy (conftest's `nan_skip_run`)."""
+    want = nan_skip_run["result"]
     assert want["skipped_steps"] == 2, "the NaN list is in one batch of each epoch"
     assert want["nonfinite_counts"]["L_direct"] == 2
     return want
