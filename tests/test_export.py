@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -233,23 +234,16 @@ def test_serving_docs_artefacts_work(exported):
     assert [c.name for c in config.model_config_list.config] == ["ml100k_dnr_b", "ml100k_prm_concat"]
 
 
-def test_train_with_export_flag(synthetic_data, tmp_path):
+def test_train_with_export_flag(smoke_run, tmp_path):
+    """`train --export` on a copy of the session's smoke run (the same command: nothing is trained,
+    and the export is the one a fresh run makes at its end, `main`'s last step either way)."""
     from dnr_tf.train import main
 
-    data_dir, _ = synthetic_data
+    run_dir = tmp_path / "run"
+    shutil.copytree(smoke_run["run"], run_dir)
     export_dir = tmp_path / "saved" / "smoke"
-    args = [
-        "--config",
-        SMOKE,
-        "--data_dir",
-        str(data_dir),
-        "--model_dir",
-        str(tmp_path / "run"),
-        "--set",
-        "train.epochs=1",
-        "--export",
-        str(export_dir),
-    ]
+    args = ["--config", SMOKE, "--data_dir", str(smoke_run["data_dir"]), "--model_dir", str(run_dir)]
+    args += ["--export", str(export_dir)]
     assert main(args) == 0
     assert (export_dir / "1" / "saved_model.pb").exists()
     assert main(args) == 0, "a second run exports the next version"

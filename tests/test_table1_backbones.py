@@ -103,7 +103,7 @@ def test_learns_past_the_retriever_order(synthetic_data, tmp_path, backbone):
         [
             f"model.backbone={backbone}",
             "dnr.enabled=false",
-            "train.epochs=8",
+            "train.epochs=6",  # best of 6: every backbone >= 0.007 above the retriever (2026-12-05)
             "train.learning_rate=0.005",
             "model.hidden_dim=32",
             "model.embedding_dim=32",
