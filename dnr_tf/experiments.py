@@ -564,8 +564,10 @@ def failed_trial(plan: Plan, work: Work, out: str, setting: dict, extra: dict, e
     return result
 
 
-def baselines(plan: Plan, out: str) -> dict:
-    """The retriever's order, a random order (and the oracle, where known) on each data set's test split."""
+def baselines(plan: Plan, out: str, build: bool = True) -> dict:
+    """The retriever's order, a random order (and the oracle, where known) on each data set's test split.
+
+    With `build` False, data sets not built yet are left out instead of built."""
     from dnr_tf.evaluate import evaluate_orders
 
     path = os.path.join(out, "baselines.json")
@@ -575,6 +577,8 @@ def baselines(plan: Plan, out: str) -> dict:
             done = json.load(f)
     for name, ds in plan.datasets.items():
         if name not in done and any(name in row.datasets for row in plan.rows):
+            if not build and not os.path.exists(os.path.join(ds.dir, "schema.json")):
+                continue
             ensure_dataset(name, ds)
             done[name] = evaluate_orders(ds.dir, "test")
     with open(path, "w") as f:
@@ -589,6 +593,7 @@ def run_plan(
     shard: tuple[int, int] = (0, 1),
     plan_path: str = "",
     phase: str = "all",
+    finished_only: bool = False,
 ) -> dict | None:
     """Runs every missing run of the plan, then writes `<out>/results.json` and returns it.
 
@@ -599,7 +604,12 @@ def run_plan(
     while another shard's trial is missing and retries it after its other work; a later call picks
     up what is still waiting. `phase`: `tune` runs only the trials,
     `final` only the seed runs (those whose trials are done), `all` both.
+
+    With `finished_only`, nothing is trained or built: the finished runs are collected, and
+    `results.json` names the runs still missing under `missing` (the reports say the study is partial).
     """
+    if finished_only:
+        return collect_finished(plan, out, plan_path)
     os.makedirs(os.path.join(out, "runs"), exist_ok=True)
     check_configs(plan)
     todo = works_of(plan)
@@ -639,19 +649,34 @@ def run_plan(
             break
     if count > 1 or phase != "all" or waiting:
         return None
-    results, trials = [], []
-    for work in todo:
-        (trials if work.k is not None else results).append(read_result(out, work.run))
+    return collect_finished(plan, out, plan_path, build=True)
+
+
+def collect_finished(plan: Plan, out: str, plan_path: str = "", build: bool = False) -> dict:
+    """Writes `<out>/results.json` from the finished runs and returns it; `missing` lists the others.
+
+    `build`: build the data sets the baselines need (a full collection); else leave out those not built.
+    """
+    results, trials, missing = [], [], []
+    for work in works_of(plan):
+        result = read_result(out, work.run)
+        if result is None:
+            missing.append(work.run)
+        else:
+            (trials if work.k is not None else results).append(result)
     provenance.check_one_version(results + trials)  # no table mixes code or data versions
     summary = {
         "plan": plan.name,
         "plan_path": plan_path,
         "tune_seed": plan.tune_seed,
         "datasets": {k: dataclasses.asdict(v) for k, v in plan.datasets.items()},
-        "baselines": baselines(plan, out),
+        "baselines": baselines(plan, out) if build else baselines(plan, out, build=False),
         "runs": results,
         "trials": trials,
     }
+    if missing:
+        summary["missing"] = missing
+    os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(summary, f)
     return summary
@@ -695,6 +720,12 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--dry_run", action="store_true", help="check the plan and every run's config, print the budgets, train nothing"
     )
+    parser.add_argument(
+        "--finished_only",
+        action="store_true",
+        help="collect the finished runs into results.json and the report, train and build nothing "
+        "(a partial study: the runs still missing are named)",
+    )
     parser.add_argument("--verbose", action="store_true", help="show TensorFlow's, Keras' and absl's own logs too")
     args = parser.parse_args(argv)
     try:
@@ -707,7 +738,10 @@ def main(argv=None) -> int:
             print("\n".join(budget_table(plan)))
             print(f"[study] plan {args.plan}: {checked} run configs checked")
             return 0
-        summary = run_plan(plan, args.out, shard=(index, count), plan_path=args.plan, phase=args.phase)
+        if args.finished_only and (count > 1 or args.phase != "all"):
+            raise ValueError("--finished_only collects the whole plan: give it without --shard and --phase")
+        shard, phase, finished = (index, count), args.phase, args.finished_only
+        summary = run_plan(plan, args.out, shard=shard, plan_path=args.plan, phase=phase, finished_only=finished)
     except (config_io.ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -718,6 +752,8 @@ def main(argv=None) -> int:
 
     path = write_report(summary, args.out, args.results_md)
     print(f"[study] {len(summary['runs'])} runs; results in {args.out}/results.json, report {path}")
+    if summary.get("missing"):
+        print(f"[study] partial: {len(summary['missing'])} runs of the plan not finished (results.json 'missing')")
     return 0
 
 

@@ -271,6 +271,22 @@ def ablation_table(sets: list[DataSet], resamples: int) -> tuple[list[str], list
     return lines, data
 
 
+def partial_notice(summaries: list[tuple[str, dict]]) -> list[str]:
+    """A paragraph naming the studies collected with runs still missing (`experiments --finished_only`)."""
+    partial = [(path, summary["missing"]) for path, summary in summaries if summary.get("missing")]
+    if not partial:
+        return []
+    named = "; ".join(
+        f"`{path}`: {len(missing)} runs missing ({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''})"
+        for path, missing in partial
+    )
+    return [
+        f"**Partial study.** Collected before every run had finished: {named}. A row holds the seeds that "
+        "finished (its seed count says how many); rows and data sets without a finished run are absent.",
+        "",
+    ]
+
+
 def headline(summaries: list[tuple[str, dict]], resamples: int = report.stats.RESAMPLES) -> tuple[list[str], dict]:
     """Markdown lines of the headline, full, leaky and ablation tables, and those tables as data."""
     sets = data_sets(summaries)
@@ -285,6 +301,7 @@ def headline(summaries: list[tuple[str, dict]], resamples: int = report.stats.RE
         "min/median/max over seeds, and how many runs selected the last epoch they were allowed (not converged)."
     )
     lines += ["## Headline: best direct reranker, DNR-B, DNR-G and the calibrated sampler", ""]
+    lines += partial_notice(summaries)
     inferred = sorted({ds.plan for ds in sets if ds.inferred})
     if inferred:
         lines += [

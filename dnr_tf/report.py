@@ -297,6 +297,12 @@ def sweep_figure(groups, dataset: str, tag: str, path: str) -> bool:
     return True
 
 
+def has_model(run) -> bool:
+    """Whether a run's folder still holds its trained model: a fresh clone has only `result.json` there."""
+    folder = run.get("_model_dir") or ""
+    return all(os.path.exists(os.path.join(folder, name)) for name in ("config.yaml", "best.weights.h5"))
+
+
 def density_figure(results, datasets, path: str) -> bool:
     """Figure 5 analog: densities of real x and of x' from each sampler, by label."""
     import matplotlib
@@ -317,7 +323,7 @@ def density_figure(results, datasets, path: str) -> bool:
         if r["dataset"] == "cascade"
         and r["config"]["dnr"]["enabled"]
         and r["config"]["dnr"]["model_based"]
-        and os.path.isdir(r["_model_dir"])  # the runs' folders are not committed with results.json
+        and has_model(r)  # only result.json of a run is committed
     ]
     if not candidates:
         return False
@@ -407,7 +413,7 @@ def study_lines(
             if sweep_figure(groups, ds, tag, os.path.join(fig_dir, name)):
                 lines += [f"![{tag}]({rel}/{name})", ""]
     fig5 = f"{prefix}fig5_scores.png"
-    has_models = any(r["dataset"] == "cascade" and os.path.isdir(r["_model_dir"]) for r in results)
+    has_models = any(r["dataset"] == "cascade" and has_model(r) for r in results)
     if has_models and density_figure(results, summary["datasets"], os.path.join(fig_dir, fig5)):
         lines += [f"{h} Figure 5 analog: real scores and generated x' by label", "", f"![fig5]({rel}/{fig5})", ""]
     elif os.path.exists(os.path.join(fig_dir, fig5)):  # drawn earlier, when the trained models were at hand
@@ -451,6 +457,13 @@ def write_report(summary: dict, out: str, results_md: str | None = None) -> str:
         "on the same test lists. A difference between two rows is taken over the seeds both rows have.",
         "",
     ]
+    if summary.get("missing"):
+        missing = summary["missing"]
+        lines += [
+            f"**Partial study** (`--finished_only`): {len(missing)} runs of the plan had not finished "
+            f"({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}); the tables hold the finished ones.",
+            "",
+        ]
     body, tables = study_lines(summary, out, fig_dir, rel)
     lines += body
     with open(md_path, "w") as f:

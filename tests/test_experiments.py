@@ -297,6 +297,44 @@ def test_phases(stubbed, tmp_path, capsys):
     assert stubbed[3:] == ["prm__a__s1"] and (out / "runs" / "prm__a__s0" / "result.json").exists()
 
 
+def test_finished_only_collects_a_partial_study_and_says_so(stubbed, monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(experiments, "baselines", lambda plan, out, build=True: {})
+    plan = write_plan(tmp_path, [tuned_row("prm"), tuned_row("dnr_b", config=DNR_B, arm="dnr_b")])
+    out = tmp_path / "out"
+    assert main(["--plan", plan, "--out", str(out), "--phase", "tune"]) == 0
+    trained = list(stubbed)
+    assert main(["--plan", plan, "--out", str(out), "--finished_only", "--shard", "0/2"]) == 2
+    assert "--finished_only collects the whole plan" in capsys.readouterr().err
+    assert main(["--plan", plan, "--out", str(out), "--finished_only"]) == 0
+    assert stubbed == trained, "nothing trained"
+    assert "partial: 4 runs of the plan not finished" in capsys.readouterr().out
+    summary = json.loads((out / "results.json").read_text())
+    assert summary["missing"] == ["prm__a__s0", "dnr_b__a__s0", "prm__a__s1", "dnr_b__a__s1"]
+    assert sorted(r["run"] for r in summary["trials"]) == sorted(trained) and summary["runs"] == []
+
+    # Half of the seed runs finish: they are collected, the rest named.
+    assert main(["--plan", plan, "--out", str(out), "--phase", "final", "--shard", "0/2"]) == 0
+    assert main(["--plan", plan, "--out", str(out), "--finished_only"]) == 0
+    summary = json.loads((out / "results.json").read_text())
+    done = sorted(r["run"] for r in summary["runs"])
+    assert done and sorted(done + summary["missing"]) == sorted(
+        ["prm__a__s0", "dnr_b__a__s0", "prm__a__s1", "dnr_b__a__s1"]
+    )
+    report = (out / "results.md").read_text()
+    assert f"**Partial study** (`--finished_only`): {len(summary['missing'])} runs" in report
+
+    from dnr_tf.headline import load_summaries, partial_notice
+
+    (notice, _) = partial_notice(load_summaries([str(out / "results.json")]))
+    assert (
+        "**Partial study.**" in notice and f"{len(summary['missing'])} runs missing ({summary['missing'][0]}" in notice
+    )
+
+    # Once every run has finished, a plain collection has no `missing`.
+    assert main(["--plan", plan, "--out", str(out)]) == 0
+    assert "missing" not in json.loads((out / "results.json").read_text())
+
+
 def test_unequal_budgets_refused(stubbed, tmp_path, capsys):
     rows = [tuned_row("prm"), tuned_row("dnr_b", config=DNR_B, arm="dnr_b")]
     rows[1]["tune"] = {**rows[1]["tune"], "trials": 5}

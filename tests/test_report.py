@@ -201,3 +201,17 @@ def test_study_tables_holm_within_each_table():
     assert pairs[0]["diff"] == pytest.approx(-0.05)
     np.testing.assert_allclose([p["p_holm"] for p in pairs], holm([p["p_bootstrap"] for p in pairs]))
     assert "| x | 3 |" in "\n".join(lines)
+
+
+def test_a_run_folder_with_only_its_result_has_no_model(tmp_path):
+    """A fresh clone holds only each run's result.json: the report must not try to load a model there."""
+    from dnr_tf.report import has_model
+
+    folder = tmp_path / "runs" / "dnr_b__cascade__s0"
+    folder.mkdir(parents=True)
+    (folder / "result.json").write_text("{}")
+    assert not has_model({"_model_dir": str(folder)})
+    assert not has_model({})
+    (folder / "config.yaml").write_text("")
+    (folder / "best.weights.h5").write_bytes(b"")
+    assert has_model({"_model_dir": str(folder)})
