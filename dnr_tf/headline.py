@@ -107,7 +107,7 @@ class DataSet:
         return max(rows, key=self.valid) if rows else None
 
     def display(self) -> str:
-        return f"{self.label} (leaky)" if self.leaky else self.label
+        return f"{self.label} (leaky)" if self.leaky and "leaky" not in self.label else self.label
 
 
 def data_sets(summaries: list[tuple[str, dict]]) -> list[DataSet]:

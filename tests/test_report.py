@@ -215,3 +215,12 @@ def test_a_run_folder_with_only_its_result_has_no_model(tmp_path):
     (folder / "config.yaml").write_text("")
     (folder / "best.weights.h5").write_bytes(b"")
     assert has_model({"_model_dir": str(folder)})
+
+
+def test_a_leaky_label_is_marked_leaky_once():
+    from dnr_tf.headline import DataSet
+
+    for label, shown in (("ML, paper", "ML, paper (leaky)"), ("ML, paper (leaky)", "ML, paper (leaky)")):
+        summary = {"datasets": {"p": {"label": label, "leaky": True}}, "runs": []}
+        assert DataSet(summary, "p").display() == shown
+    assert DataSet({"datasets": {"c": {"label": "ML"}}, "runs": []}, "c").display() == "ML"
