@@ -670,7 +670,7 @@ def collect_finished(plan: Plan, out: str, plan_path: str = "", build: bool = Fa
         "plan_path": plan_path,
         "tune_seed": plan.tune_seed,
         "datasets": {k: dataclasses.asdict(v) for k, v in plan.datasets.items()},
-        "baselines": baselines(plan, out) if build else baselines(plan, out, build=False),
+        "baselines": baselines(plan, out, build=build),
         "runs": results,
         "trials": trials,
     }

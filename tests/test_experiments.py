@@ -130,7 +130,7 @@ def fake_train(calls):
 def stubbed(monkeypatch, tmp_path):
     calls = []
     monkeypatch.setattr(experiments, "train_and_evaluate", fake_train(calls))
-    monkeypatch.setattr(experiments, "baselines", lambda plan, out: {})
+    monkeypatch.setattr(experiments, "baselines", lambda plan, out, build=True: {})
     for name in ("a", "b"):
         (tmp_path / name).mkdir()
         (tmp_path / name / "schema.json").write_text("{}")
@@ -297,8 +297,7 @@ def test_phases(stubbed, tmp_path, capsys):
     assert stubbed[3:] == ["prm__a__s1"] and (out / "runs" / "prm__a__s0" / "result.json").exists()
 
 
-def test_finished_only_collects_a_partial_study_and_says_so(stubbed, monkeypatch, tmp_path, capsys):
-    monkeypatch.setattr(experiments, "baselines", lambda plan, out, build=True: {})
+def test_finished_only_collects_a_partial_study_and_says_so(stubbed, tmp_path, capsys):
     plan = write_plan(tmp_path, [tuned_row("prm"), tuned_row("dnr_b", config=DNR_B, arm="dnr_b")])
     out = tmp_path / "out"
     assert main(["--plan", plan, "--out", str(out), "--phase", "tune"]) == 0
