@@ -465,7 +465,8 @@ def main(argv=None) -> int:
     verbose = quiet.verbose_flag(argv)
     quiet.configure(verbose)  # before TensorFlow and Beam are imported
     try:
-        run(quiet.beam_args(argv, verbose))
+        with quiet.worker_stderr_filtered(verbose):
+            run(quiet.beam_args(argv, verbose))
     except (config_io.ConfigError, PipelineError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -194,3 +194,37 @@ def test_export_and_train_do_not_import_each_other():
 
     source = open(dnr_tf.train.__file__).read()
     assert "from dnr_tf.export import export_run" in source.split("def main(")[1], "only main exports, lazily"
+
+
+def test_worker_stderr_filter_drops_the_workers_start_up_lines_only(tmp_path):
+    """A child process started inside `quiet.worker_stderr_filtered` writes Beam's and absl's start-up
+    lines and real ones to the stderr it inherits: only the real ones, in order, reach the real stderr."""
+    script = textwrap.dedent(
+        r"""
+        import subprocess, sys
+        from dnr_tf import quiet
+        child = (
+            "import sys; w = sys.stderr.write; "
+            "w('WARNING:root:apitools not found, and bigquery client libraries are not available\\n'); "
+            "w('INFO:__main__:Logging handler created.\\n'); "
+            "w('WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\\n'); "
+            "w('I0000 00:00:1796523527.822164   27530 port.cc:153] oneDNN custom operations are on.\\n'); "
+            "w('ERROR:root:a worker error\\n'); "
+            "w('E0000 00:00:1796523527.822164   27530 op.cc:1] a C++ error\\n'); w('no newline')"
+        )
+        with quiet.worker_stderr_filtered(verbose=sys.argv[1:] == ["--verbose"]):
+            print("own line", file=sys.stderr)
+            subprocess.run([sys.executable, "-c", child], check=True)
+        print("after", file=sys.stderr)
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": os.fspath(ROOT)}
+    quiet_run, loud = (
+        subprocess.run([sys.executable, "-c", script, *flag], env=env, capture_output=True, text=True, check=True)
+        for flag in ([], ["--verbose"])
+    )
+    assert quiet_run.stderr == (
+        "own line\nERROR:root:a worker error\nE0000 00:00:1796523527.822164   27530 op.cc:1] a C++ error\n"
+        "no newlineafter\n"
+    )
+    assert len(loud.stderr.splitlines()) == 8, "--verbose: nothing filtered"
