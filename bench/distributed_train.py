@@ -62,7 +62,11 @@ def _train(data_dir: str, model_dir: str, epochs: int, extra: list[str], tf_conf
 
 
 def main(argv=None) -> int:
+    from dnr_tf import quiet
+
+    quiet.configure(quiet.verbose_flag(argv))  # only the benchmark's own output
     parser = argparse.ArgumentParser(prog="python -m bench.distributed_train", description=__doc__.split("\n")[0])
+    parser.add_argument("--verbose", action="store_true", help="TensorFlow's and Beam's own log lines too")
     parser.add_argument("--data_dir", default="data/synthetic", help="a pipeline output (`make demo` builds this one)")
     parser.add_argument("--output", default="bench/results/distributed_train.json")
     parser.add_argument("--epochs", type=int, default=2)

@@ -68,7 +68,11 @@ def shares(achieved_gflops: dict, peak: dict) -> dict:
 
 
 def main(argv=None) -> int:
+    from dnr_tf import quiet
+
+    quiet.configure(quiet.verbose_flag(argv))  # only the benchmark's own output
     parser = argparse.ArgumentParser(prog="python -m bench.peak", description=__doc__.split("\n")[0])
+    parser.add_argument("--verbose", action="store_true", help="TensorFlow's and Beam's own log lines too")
     parser.add_argument("--n", type=int, default=2048, help="matrix size")
     parser.add_argument("--seconds", type=float, default=2.0, help="timing per dtype")
     parser.add_argument("--output", default="bench/results/peak.json")

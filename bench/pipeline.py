@@ -195,7 +195,11 @@ def doubling(work: str, interactions: int, workers: int) -> dict:
 
 
 def main(argv=None) -> int:
+    from dnr_tf import quiet
+
+    quiet.configure(quiet.verbose_flag(argv))  # only the benchmark's own output
     parser = argparse.ArgumentParser(prog="python -m bench.pipeline", description=__doc__.split("\n")[0])
+    parser.add_argument("--verbose", action="store_true", help="TensorFlow's and Beam's own log lines too")
     default_ml100k = os.path.join(os.path.dirname(ROOT), "shared", "data", "ml-100k")
     parser.add_argument("--ml100k", default=default_ml100k, help="directory holding MovieLens-100K u.data")
     parser.add_argument("--output", help="default bench/results/pipeline.json, or pipeline_doubling.json")

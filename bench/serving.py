@@ -26,6 +26,9 @@ import platform
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from dnr_tf import quiet  # noqa: E402
+
+quiet.import_tensorflow_silently()  # before the import below: its start-up lines (dnr_tf.quiet)
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
@@ -199,7 +202,9 @@ def run(
 
 
 def main(argv=None) -> int:
+    quiet.configure(quiet.verbose_flag(argv))  # only the benchmark's own output
     parser = argparse.ArgumentParser(prog="python -m bench.serving", description=__doc__.split("\n")[0])
+    parser.add_argument("--verbose", action="store_true", help="TensorFlow's and Beam's own log lines too")
     parser.add_argument("--model", required=True, help="saved_models/<name>/<version>")
     parser.add_argument("--data_dir", required=True, help="pipeline output whose test records are the requests")
     parser.add_argument("--run_dir", help="the run the export came from: also time the model in memory")

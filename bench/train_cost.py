@@ -31,6 +31,9 @@ import platform
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from dnr_tf import quiet  # noqa: E402
+
+quiet.import_tensorflow_silently()  # before the import below: its start-up lines (dnr_tf.quiet)
 
 import numpy as np  # noqa: E402
 
@@ -138,7 +141,9 @@ def run(data_dir: str, names: list[str], rounds: int, steps: int, n_batches: int
 
 
 def main(argv=None) -> int:
+    quiet.configure(quiet.verbose_flag(argv))  # only the benchmark's own output
     parser = argparse.ArgumentParser(prog="python -m bench.train_cost", description=__doc__.split("\n")[0])
+    parser.add_argument("--verbose", action="store_true", help="TensorFlow's and Beam's own log lines too")
     parser.add_argument("--data_dir", default="data/ml100k", help="pipeline output (make ml100k)")
     parser.add_argument("--output", default="bench/results/train_cost.json")
     parser.add_argument("--cases", default=",".join(CASES), help="comma-separated subset of: " + ", ".join(CASES))

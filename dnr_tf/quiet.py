@@ -13,7 +13,7 @@ logger `apitools not found`. The project's own warnings and log records stay. An
 On some CPUs (seen on an AMD EPYC of family 26, 2026-12-06) TensorFlow 2.21 writes its oneDNN
 start-up line through absl before absl's logging is initialised, and that path ignores
 `TF_CPP_MIN_LOG_LEVEL`. So a quiet command imports TensorFlow at once, with the process's stderr
-(file descriptor 2) sent to /dev/null for the import only (`_import_tensorflow_silently`). A failed
+(file descriptor 2) sent to /dev/null for the import only (`import_tensorflow_silently`). A failed
 import still raises its Python error after stderr is back; a crash inside the import itself shows
 only with `--verbose`.
 
@@ -85,10 +85,10 @@ def configure(verbose: bool) -> None:
     warnings.simplefilter("ignore")
     warnings.filterwarnings("default", module=r"(dnr_tf|pipeline|bench)(\.|$)")
     if user_level is None:
-        _import_tensorflow_silently()
+        import_tensorflow_silently()
 
 
-def _import_tensorflow_silently() -> None:
+def import_tensorflow_silently() -> None:
     """Imports TensorFlow with file descriptor 2 on /dev/null (see the module docstring)."""
     import sys
 

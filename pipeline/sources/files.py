@@ -44,6 +44,18 @@ MAX_LINE_BYTES = 1 << 20  # a longer line is a rejected record, never read whole
 _CHUNK = 1 << 16
 
 
+class _OwningGzipFile(gzip.GzipFile):
+    """A GzipFile that closes the file it reads from when it is closed (GzipFile leaves a `fileobj` open)."""
+
+    def close(self) -> None:
+        raw = self.fileobj
+        try:
+            super().close()
+        finally:
+            if raw is not None:
+                raw.close()
+
+
 def _open_bytes(path: str):
     raw = FileSystems.open(path, compression_type="uncompressed")
     head = raw.read(2)
@@ -51,7 +63,7 @@ def _open_bytes(path: str):
     raw = FileSystems.open(path, compression_type="uncompressed")
     # Gzip by content, not by name: a `.gz` users forgot to name so still reads.
     if head == b"\x1f\x8b":
-        return gzip.GzipFile(fileobj=raw)
+        return _OwningGzipFile(fileobj=raw)
     return raw
 
 
