@@ -25,7 +25,7 @@ import os
 import platform
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before TensorFlow loads (dnr_tf.quiet)
 from dnr_tf import quiet  # noqa: E402
 
 quiet.import_tensorflow_silently()  # before the import below: its start-up lines (dnr_tf.quiet)
@@ -60,12 +60,18 @@ def _dense(records: list[bytes]) -> dict:
 
 def flops_per_list(loaded, list_size: int) -> dict:
     """Multiply-add FLOPs (x2) of one list of `list_size` candidates, from the exported weights."""
+    return flops_from_weights([(v.name, v.shape) for v in loaded.variables], list_size)
+
+
+def flops_from_weights(weights, list_size: int) -> dict:
+    """`flops_per_list` from (name, shape) pairs: a SavedModel's `kernel:0` variables or a Keras
+    reranker's `.../kernel` paths (the generator's are left out by the caller)."""
     per_candidate = per_request = 0
     attention_blocks = 0
     width = 0
-    for v in loaded.variables:
-        name, shape = v.name, [int(d) for d in v.shape]
-        if not name.endswith("kernel:0"):
+    for name, shape in weights:
+        name, shape = name.removesuffix(":0"), [int(d) for d in shape]
+        if not name.endswith("kernel"):
             continue  # embeddings (lookups), biases, norms
         size = 2 * int(np.prod(shape))
         if "user_state" in name:

@@ -20,6 +20,10 @@ turn (the order rotates a round), the first round is warm-up (tracing) and is dr
 median seconds a step over the other rounds is reported with its ratio to `direct`. The batches are
 the first `--batches` batches of the train split, cached in memory and repeated, so every case
 sees the same data and input reading is not measured.
+
+Each case also gets its FLOPs a step (`PASSES` reranker passes, each about 3x the forward FLOPs of
+its lists, counted from the reranker's weights as `bench.serving` counts them) and its achieved
+GFLOP/s as a share of the FP32 and bf16 matmul peaks measured in the same process (`bench.peak`).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import os
 import platform
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before TensorFlow loads (dnr_tf.quiet)
 from dnr_tf import quiet  # noqa: E402
 
 quiet.import_tensorflow_silently()  # before the import below: its start-up lines (dnr_tf.quiet)
@@ -41,6 +45,18 @@ from bench import peak as peak_lib  # noqa: E402
 
 DIRECT = "configs/ml100k_prm_concat.yaml"
 DNR = "configs/ml100k_dnr_b.yaml"
+# Reranker passes (forward and backward) a step, for its FLOPs: the direct step runs one, a DNR step
+# two (x and x'), algorithm 1's model-based step a third for the generator's update. A pass over a
+# batch costs about 3x its forward FLOPs (the backward pass computes two products per forward one).
+PASSES = {
+    "direct": 1,
+    "heuristic": 2,
+    "heuristic/fused": 2,
+    "model_based": 3,
+    "model_based/fused": 3,
+    "model_based/simultaneous": 2,
+    "model_based/simultaneous+fused": 2,
+}
 # name: (config, overrides, model-based phase)
 CASES = {
     "direct": (DIRECT, [], False),
@@ -93,8 +109,20 @@ def build_cases(data_dir: str, names: list[str], n_batches: int):
         model = build_model(cfg, vocab, schema, example)
         model.set_sampler_phase(model_based)
         model.make_train_function()
-        cases[name] = {"model": model, "iterator": iter(train_ds), "batch_size": cfg.train.batch_size}
+        cases[name] = {
+            "model": model,
+            "iterator": iter(train_ds),
+            "batch_size": cfg.train.batch_size,
+            "flops_per_list": step_flops_per_list(model, schema.list_size),
+        }
     return cases
+
+
+def step_flops_per_list(model, list_size: int) -> int:
+    """Forward FLOPs of one list through the model's reranker (`bench.serving.flops_from_weights`)."""
+    from bench.serving import flops_from_weights
+
+    return flops_from_weights([(v.path, v.shape) for v in model.reranker.weights], list_size)["per_list"]
 
 
 def time_steps(case: dict, steps: int) -> list[float]:
@@ -136,7 +164,18 @@ def run(data_dir: str, names: list[str], rounds: int, steps: int, n_batches: int
             "p90_s": float(np.percentile(t, 90)),
             "steps_timed": int(t.size),
             "ratio_to_direct": float(np.median(t)) / base,
+            "gflop_per_step": 3 * PASSES[key] * cases[key]["batch_size"] * cases[key]["flops_per_list"] / 1e9,
         }
+        result["cases"][key]["achieved_gflops"] = result["cases"][key]["gflop_per_step"] / float(np.median(t))
+    return result
+
+
+def add_shares(result: dict) -> dict:
+    """Each case's achieved GFLOP/s as a share of the peak measured in this process."""
+    shares = peak_lib.shares({k: row["achieved_gflops"] for k, row in result["cases"].items()}, result["peak"])
+    for key, row in result["cases"].items():
+        row["share_of_fp32_peak"] = shares[key]["share_of_fp32_peak"]
+        row["share_of_bf16_peak"] = shares[key]["share_of_bf16_peak"]
     return result
 
 
@@ -161,12 +200,17 @@ def main(argv=None) -> int:
     rounds, steps = (2, 5) if args.quick else (args.rounds, args.steps)
     result = run(args.data_dir, names, rounds, steps, args.batches)
     result["peak"] = peak_lib.measure(*((1024, 0.6) if args.quick else (2048, 2.0)))  # same process
+    add_shares(result)
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with open(args.output, "w") as f:
         json.dump(result, f, indent=2)
     print(f"median seconds a training step, batch {result['batch_size']}, {result['machine']['cpu']}:")
     for key, row in result["cases"].items():
-        print(f"  {key:30s} {1e3 * row['median_s_per_step']:8.1f} ms   x{row['ratio_to_direct']:.2f}")
+        print(
+            f"  {key:30s} {1e3 * row['median_s_per_step']:8.1f} ms   x{row['ratio_to_direct']:.2f}   "
+            f"{row['achieved_gflops']:6.1f} GFLOP/s = {100 * row['share_of_fp32_peak']:.0f}% of the FP32 peak"
+        )
+    print(f"measured peak in this process: FP32 {result['peak']['float32_gflops']:.1f} GFLOP/s")
     print(f"written to {args.output}")
     return 0
 

@@ -60,3 +60,13 @@ def test_peak_cli_writes_json_and_refuses_bad_sizes(tmp_path, capsys):
     with pytest.raises(SystemExit):
         peak.main(["--n", "0", "--output", str(out)])
     assert "--n must be >= 1" in capsys.readouterr().err
+
+
+def test_profile_groups_an_op_by_the_two_scopes_under_the_call():
+    from bench.profile import _scope
+
+    op = "StatefulPartitionedCall/gradient_tape/reranker_1/block_0_1/dense/MatMul"
+    assert _scope(op) == "gradient_tape/reranker_1"
+    assert _scope("reranker_1/block_0_1/multi_head_attention_1/softmax_1/Softmax") == "reranker_1/block_0_1"
+    assert _scope("StatefulPartitionedCall/UnsortedSegmentSum") == "(top level)"
+    assert _scope("Equal_1") == "(top level)"

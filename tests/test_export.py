@@ -267,6 +267,10 @@ def test_serving_bench_counts_the_flops_of_the_smoke_prm_by_hand(exported):
     assert counted["attention_blocks"] == 1
     assert counted["per_request"] == 2 * e * h  # the user state, once a list
     assert counted["per_list"] == n * per_candidate + 2 * e * h
+    # bench.train_cost counts the same from the Keras model's weights (`.../kernel` paths, no `:0`).
+    from bench.train_cost import step_flops_per_list
+
+    assert step_flops_per_list(exported["model"], n) == counted["per_list"]
 
 
 # --- issue 15: evaluate refuses what the model cannot represent; serving ranks a repeated item once -----------
