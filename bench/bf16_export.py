@@ -70,6 +70,9 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=10, help="alternating timing rounds")
     parser.add_argument("--output", default="bench/results/bf16_export.json")
     args = parser.parse_args(argv)
+    for path, what in ((os.path.join(args.data_dir, "schema.json"), "--data_dir"), (args.run_dir, "--run_dir")):
+        if not os.path.exists(path):
+            parser.error(f"{what}: {path} not found")
     from bench.train_cost import machine
     from dnr_tf.evaluate import evaluate
     from dnr_tf.export import read_examples

@@ -90,8 +90,6 @@ def configure(verbose: bool) -> None:
 
 def import_tensorflow_silently() -> None:
     """Imports TensorFlow with file descriptor 2 on /dev/null (see the module docstring)."""
-    import sys
-
     if "tensorflow" in sys.modules:
         return
     sys.stderr.flush()
