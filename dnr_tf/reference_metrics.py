@@ -47,10 +47,24 @@ def list_metrics(labels: np.ndarray, scores: np.ndarray, k: int) -> dict[str, fl
         A dict with the keys of `METRIC_NAMES` (suffix-free); NaN where undefined.
     """
     labels = np.asarray(labels)
-    order = rank_order(scores, labels)
-    ranked = labels[order] == 1
+    ranked = labels[rank_order(scores, labels)] == 1
+    out = ranked_metrics(ranked, k)
+    if 0 < ranked.sum() < len(ranked):  # positives and negatives
+        out["auc"] = pairwise_auc(labels, scores)
+    return out
+
+
+def ranked_metrics(ranked: np.ndarray, k: int) -> dict[str, float]:
+    """The metrics of `list_metrics` but the AUC, from the list already in the model's order.
+
+    Args:
+        ranked: `[n]` booleans, True on a positive, best first, padding removed.
+        k: cutoff.
+
+    Returns:
+        A dict with the keys of `METRIC_NAMES`; `auc` is NaN (it needs the scores' ties).
+    """
     num_pos = int(ranked.sum())
-    num_neg = int(len(ranked) - num_pos)
     out = dict.fromkeys(METRIC_NAMES, float("nan"))
     if num_pos == 0:
         return out
@@ -71,8 +85,6 @@ def list_metrics(labels: np.ndarray, scores: np.ndarray, k: int) -> dict[str, fl
         recall=recall,
         f1=0.0 if hits == 0 else 2 * precision * recall / (precision + recall),
     )
-    if num_neg > 0:
-        out["auc"] = pairwise_auc(labels, scores)
     return out
 
 

@@ -87,6 +87,42 @@ class Retriever:
         order = np.lexsort((best_idx, -best_logit))[:k]
         return self.item_ids[best_idx[order]], sigmoid(best_logit[order]).astype(np.float32)
 
+    def top_k_prefixes(
+        self, user_vec: np.ndarray, user_bias: float, items: Sequence[int], ends: Sequence[int], k: int
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """`top_k(user_vec, user_bias, set(items[:end]), k)` for each end of `ends`, in order.
+
+        The cascade's requests of one user exclude growing prefixes of one timeline. A catalogue
+        of one chunk is scored and ordered once for all of them, and each request then takes the
+        first `k` items of that order it has not consumed: the same items and scores as `top_k`,
+        whose order is (logit desc, table order asc) over the finite logits. A larger catalogue
+        goes through `top_k` request by request, holding one chunk of scores at a time.
+        """
+        ends = list(ends)
+        if any(b < a for a, b in zip(ends, ends[1:])):
+            raise ValueError(f"top_k_prefixes: ends must not decrease, got {ends}")
+        sorter = np.argsort(self.item_ids, kind="stable")
+        table = self.item_ids[sorter]
+        if k <= 0 or not 0 < len(table) <= self.chunk_size or np.any(table[1:] == table[:-1]):
+            for end in ends:
+                yield self.top_k(user_vec, user_bias, set(items[:end]), k)
+            return
+        # The same arithmetic as `top_k` on its single chunk.
+        logits = (self.item_emb[0:] @ user_vec + self.item_bias[0:] + user_bias + self.global_bias).astype(np.float64)
+        finite = np.flatnonzero(np.isfinite(logits))
+        order = finite[np.lexsort((finite, -logits[finite]))]
+        ids = np.asarray(items, np.int64)
+        slot = np.minimum(np.searchsorted(self.item_ids, ids, sorter=sorter), len(sorter) - 1)
+        position = np.where(self.item_ids[sorter[slot]] == ids, sorter[slot], -1)  # -1: not in the table
+        consumed = np.zeros(len(self.item_ids), bool)
+        done = 0
+        for end in ends:
+            seen = position[done:end]
+            consumed[seen[seen >= 0]] = True
+            done = max(done, end)
+            best = order[~consumed[order]][:k]
+            yield self.item_ids[best], sigmoid(logits[best]).astype(np.float32)
+
 
 @dataclasses.dataclass(frozen=True)
 class MFScorer:
@@ -103,6 +139,10 @@ class MFScorer:
 
     def top_k(self, history, exclude: set[int], k: int) -> tuple[np.ndarray, np.ndarray]:
         return self.retriever.top_k(self.user_vec, self.user_bias, exclude, k)
+
+    def top_k_prefixes(self, items, ends, k: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """`top_k(items[:end], set(items[:end]), k)` for each end (see `Retriever.top_k_prefixes`)."""
+        return self.retriever.top_k_prefixes(self.user_vec, self.user_bias, items, ends, k)
 
     def scores(self, history, ids) -> np.ndarray:
         """x = sigmoid(MF logit) of the raw ids `ids` `[n]` (an id outside the table scores 0)."""
@@ -129,12 +169,29 @@ class RescoredScorer:
 
     def top_k(self, history, exclude: set[int], k: int) -> tuple[np.ndarray, np.ndarray]:
         ids, _ = self.candidates.top_k(history, exclude, k)
+        return self._rescored(history, ids)
+
+    def top_k_prefixes(self, items, ends, k: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        ends = list(ends)
+        for end, (ids, _) in zip(ends, prefix_top_k(self.candidates, items, ends, k)):
+            yield self._rescored(items[:end], ids)
+
+    def _rescored(self, history, ids) -> tuple[np.ndarray, np.ndarray]:
         x = np.asarray(self.scorer.scores(history, ids), np.float32)
         order = np.argsort(-x, kind="stable")
         return ids[order], x[order]
 
     def scores(self, history, ids) -> np.ndarray:
         return self.scorer.scores(history, ids)
+
+
+def prefix_top_k(scorer, items: Sequence[int], ends: Sequence[int], k: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """`scorer.top_k(items[:end], set(items[:end]), k)` for each end, through the scorer's
+    `top_k_prefixes` where it has one (the same results, computed once for all requests)."""
+    fast = getattr(scorer, "top_k_prefixes", None)
+    if fast is not None:
+        return fast(items, ends, k)
+    return (scorer.top_k(items[:end], set(items[:end]), k) for end in ends)
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
@@ -206,9 +263,9 @@ def cascade_lists(
     if scorer is None:
         scorer = MFScorer(retriever, user_vec, user_bias)
     candidates, extra = [], {}
-    for r in range(start, n - horizon + 1, stride):
+    requests = range(start, n - horizon + 1, stride)
+    for r, (ids, scores) in zip(requests, prefix_top_k(scorer, items, requests, list_size)):
         counts["requests"] += 1
-        ids, scores = scorer.top_k(items[:r], set(items[:r]), list_size)
         positives_any = set(items[r : r + horizon]) & set(ids.tolist())
         if not positives_any:
             counts["dropped_no_positive"] += 1

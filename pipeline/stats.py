@@ -69,7 +69,7 @@ def list_stats_row(record: dict, k: int, seed: int) -> dict:
     labels = np.asarray(record[S.LABELS])
     n = len(labels)
     row = {"lists": 1.0, "positives_per_list": float((labels == 1).sum()), "candidates_per_list": float(n)}
-    for name, v in M.list_metrics(labels, M.retriever_order_scores(labels), k).items():
+    for name, v in retriever_order_metrics(labels, k).items():
         row[f"retriever_order.{_key(name, k)}"] = v
     rng = np.random.default_rng(int(stable_fraction(seed, record[S.REQUEST_ID]) * 2**32))
     for name, v in M.list_metrics(labels, rng.random(n), k).items():
@@ -84,11 +84,25 @@ def list_stats_row(record: dict, k: int, seed: int) -> dict:
     if S.ORACLE_SCORES in record:
         for name, v in M.list_metrics(labels, np.asarray(record[S.ORACLE_SCORES]), k).items():
             row[f"oracle_order.{_key(name, k)}"] = v
+    positives_before = np.concatenate([[0], np.cumsum(labels == 1)])  # [r]: positives at ranks < r + 1
     for lo, hi in RANK_BUCKETS:
-        seg = labels[lo - 1 : hi]
-        if len(seg):
-            row[f"positive_rate_by_rank.{lo}-{hi}"] = float((seg == 1).mean())
+        stop = min(hi, n)
+        if stop >= lo:  # the share of positives among ranks lo..hi, as `(labels[lo - 1:hi] == 1).mean()`
+            row[f"positive_rate_by_rank.{lo}-{hi}"] = int(positives_before[stop] - positives_before[lo - 1]) / (
+                stop - lo + 1
+            )
     return row
+
+
+def retriever_order_metrics(labels: np.ndarray, k: int) -> dict[str, float]:
+    """`list_metrics(labels, retriever_order_scores(labels), k)`, the same floats without its sort:
+    the stored order is the retriever's."""
+    valid = labels[labels >= 0]
+    ranked = valid == 1
+    out = M.ranked_metrics(ranked, k)
+    if 0 < ranked.sum() < len(ranked):
+        out["auc"] = M.pairwise_auc(labels, M.retriever_order_scores(labels))
+    return out
 
 
 def rank_correlation(a: np.ndarray, b: np.ndarray) -> float:

@@ -1,6 +1,7 @@
 """Per-user list construction (pipeline/protocol.py) on hand-made timelines."""
 
 import numpy as np
+import pytest
 
 from dnr_tf import schema as S
 from pipeline import protocol
@@ -108,3 +109,63 @@ def test_stable_fraction_is_stable_and_uniform():
     values = [protocol.stable_fraction(0, "x", i) for i in range(2000)]
     assert values == [protocol.stable_fraction(0, "x", i) for i in range(2000)]
     assert 0.45 < np.mean(values) < 0.55
+
+
+def _request_by_request(retriever, vec, bias, items, ends, k):
+    return [retriever.top_k(vec, bias, set(items[:end]), k) for end in ends]
+
+
+def test_top_k_prefixes_equal_top_k_request_by_request():
+    rng = np.random.default_rng(3)
+    for case in range(60):
+        num_items = int(rng.integers(1, 40))
+        ret = _retriever(num_items=num_items, seed=case)
+        ids = rng.permutation(np.arange(100, 100 + 3 * num_items))[:num_items].astype(np.int64)  # not sorted
+        emb, bias = ret.item_emb.copy(), ret.item_bias.copy()
+        if case % 3 == 0:  # ties: repeated rows give equal logits, broken by table order
+            emb[num_items // 2 :] = emb[0]
+            bias[num_items // 2 :] = bias[0]
+        if case % 5 == 0:  # non-finite logits are never candidates
+            bias[rng.integers(0, num_items, size=2)] = rng.choice([np.inf, -np.inf, np.nan])
+        ret = Retriever(item_ids=ids, item_emb=emb, item_bias=bias, global_bias=0.3)
+        vec = rng.normal(size=4).astype(np.float32)
+        # A timeline of table ids and ids the table does not know, with repeats.
+        items = rng.choice(np.concatenate([ids, [1, 2, 3]]), size=int(rng.integers(0, 30))).tolist()
+        ends = sorted(rng.integers(0, len(items) + 1, size=6).tolist())
+        k = int(rng.integers(0, num_items + 3))
+        for chunk_size in (65_536, 7):  # one chunk: the fast path; several: request by request
+            chunked = Retriever(ids, emb, bias, 0.3, chunk_size=chunk_size)
+            got = list(chunked.top_k_prefixes(vec, 0.1, items, ends, k))
+            want = _request_by_request(chunked, vec, 0.1, items, ends, k)
+            assert len(got) == len(want) == len(ends)
+            for (gi, gs), (wi, ws) in zip(got, want):
+                np.testing.assert_array_equal(gi, wi)
+                np.testing.assert_array_equal(gs, ws)  # bit for bit
+                assert gs.dtype == ws.dtype == np.float32
+
+
+def test_top_k_prefixes_refuses_decreasing_ends():
+    with pytest.raises(ValueError, match="must not decrease"):
+        list(_retriever().top_k_prefixes(np.ones(4, np.float32), 0.0, [1, 2, 3], [2, 1], 5))
+
+
+def test_cascade_lists_the_same_through_the_scorer_interface_request_by_request():
+    class Slow:  # a scorer without `top_k_prefixes`: the fallback of `prefix_top_k`
+        def __init__(self, inner):
+            self.inner = inner
+
+        def top_k(self, history, exclude, k):
+            return self.inner.top_k(history, exclude, k)
+
+        def scores(self, history, ids):
+            return self.inner.scores(history, ids)
+
+    ret = _retriever(num_items=40)
+    items = list(np.random.default_rng(1).permutation(np.arange(1, 41))[:30])
+    vec = np.ones(4, np.float32)
+    args = dict(retriever_fraction=0.3, stride=2, history_len=3, list_size=10, horizon=3)
+    fast, fast_counts = protocol.cascade_lists(7, _timeline(items), vec, 0.0, ret, **args)
+    slow, slow_counts = protocol.cascade_lists(
+        7, _timeline(items), vec, 0.0, ret, scorer=Slow(protocol.MFScorer(ret, vec, 0.0)), **args
+    )
+    assert fast and fast == slow and fast_counts == slow_counts

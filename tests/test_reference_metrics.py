@@ -56,3 +56,29 @@ def test_perfect_and_worst_orders():
     worst = M.list_metrics(labels, np.array([1, 2, 3, 4, 5, 6, 7, 8.0]), 6)
     assert best["ndcg"] == best["map"] == best["hit"] == best["auc"] == 1.0
     assert worst["auc"] == 0.0 and worst["hit"] == 0.0 and worst["f1"] == 0.0
+
+
+def test_the_stats_shortcuts_give_the_reference_floats():
+    """`stats.json`'s per-list rows skip the reference's sort for the retriever's order and its
+    slices for the rank buckets; the figures must stay the same floats, padding and edge cases included."""
+    from pipeline import stats
+
+    rng = np.random.default_rng(5)
+    cases = [np.ones(50, int), np.zeros(50, int), np.array([1]), np.array([0]), np.array([1, 0, -1, -1])]
+    cases += [rng.choice([1, 0, 0, 0, -1], size=int(rng.integers(1, 60))) for _ in range(300)]
+    for labels in cases:
+        want = M.list_metrics(labels, M.retriever_order_scores(labels), 6)
+        got = stats.retriever_order_metrics(labels, 6)
+        assert list(got) == list(want)
+        for name in want:
+            assert got[name] == want[name] or (np.isnan(got[name]) and np.isnan(want[name])), name
+        record = {
+            "labels": labels.tolist(),
+            "retriever_scores": list(-np.arange(len(labels), dtype=float)),
+            "request_id": "7:3",
+        }
+        row = stats.list_stats_row(record, 6, seed=0)
+        for lo, hi in stats.RANK_BUCKETS:
+            seg = labels[lo - 1 : hi]
+            key = f"positive_rate_by_rank.{lo}-{hi}"
+            assert (row[key] == float((seg == 1).mean())) if len(seg) else key not in row
