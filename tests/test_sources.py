@@ -622,3 +622,89 @@ def test_records_are_written_in_their_own_order_whatever_the_input_order(tmp_pat
     assert record_order({"request_id": "7:96", "user_id": 7, "timestamp": 5}) < record_order(
         {"request_id": "7:102", "user_id": 7, "timestamp": 5}
     )
+
+
+@pytest.mark.parametrize(
+    "value, want",
+    [
+        ("1", 1),
+        ("978300760", 978300760),
+        ("9" * 18, 10**18 - 1),  # the longest the shortcut takes
+        ("1" + "0" * 18, 10**18),  # 19 digits: fits in int64, through the full check
+        ("9" * 19, "does not fit in int64"),
+        ("007", 7),
+        ("+5", 5),
+        (" 12 ", 12),
+        ("0", "must be a positive integer"),
+        ("-3", "must be a positive integer"),
+        (str(2**63), "does not fit in int64"),
+        ("1" * 30, "does not fit in int64"),
+        ("\u0661\u0662", "is not an integer"),  # Arabic-Indic digits: str.isdigit, not [0-9]
+        ("\u00b2", "is not an integer"),  # superscript two
+        ("", "is not an integer"),
+        ("1.5", "is not an integer"),
+    ],
+)
+def test_id_parsing_shortcut_keeps_every_verdict(value, want):
+    from pipeline.sources.interactions import _positive_int
+
+    number, err = _positive_int(value, "user id")
+    if isinstance(want, int):
+        assert (number, err) == (want, None) and type(number) is int
+    else:
+        assert number is None and want in err and err.startswith("user id")
+
+
+@pytest.mark.parametrize(
+    "value, want",
+    [
+        ("0", 0),
+        ("881250949", 881250949),
+        ("9" * 18, 10**18 - 1),
+        ("1" + "0" * 18, 10**18),
+        ("9" * 19, "does not fit in int64"),
+        ("0042", 42),
+        ("12.7", 12),
+        (" 5", 5),
+        ("\u0661", 1),  # Python's int() reads any Unicode digit, as before the shortcut
+        ("", "is missing"),
+        ("1e30", "does not fit in int64"),
+        ("-1", "is negative"),
+    ],
+)
+def test_timestamp_parsing_shortcut_keeps_every_verdict(value, want):
+    from pipeline.sources.interactions import _timestamp
+
+    number, err = _timestamp(value)
+    if isinstance(want, int):
+        assert (number, err) == (want, None) and type(number) is int
+    else:
+        assert number is None and want in err
+
+
+def test_interaction_coder_round_trips_and_is_what_stage_one_groups_with():
+    import math
+
+    import apache_beam as beam
+
+    from pipeline import stages
+    from pipeline.protocol import Interaction
+
+    coder = stages.InteractionCoder()
+    cases = [
+        Interaction(1, 2, 3, 4.5, "u.data", 7),
+        Interaction(2**63 - 1, 2**63 - 1, 2**63 - 1, -0.0, "dir/\u00e9t\u00e9 ratings.dat", 10**9),
+        Interaction(5, 6, 0, float("nan"), "", 0),
+        Interaction(np.int64(5), np.int64(6), np.int64(7), np.float32(2.5), "x", np.int64(1)),  # numpy scalars
+        Interaction(2**70, 3, 4, 1.0, "huge.csv", 2),  # beyond int64: the pickled fallback
+    ]
+    for r in cases:
+        back = coder.decode(coder.encode(r))
+        assert type(back) is Interaction and coder.encode(r) == coder.encode(back)
+        assert back[:3] == r[:3] and back[4:] == r[4:] and all(type(v) is int for v in back[:3] + back[5:])
+        assert back.rating == r.rating or (math.isnan(back.rating) and math.isnan(r.rating))
+    assert coder.is_deterministic()
+    keyed = beam.coders.registry.get_coder(stages.KeyedInteraction)
+    timeline = beam.coders.registry.get_coder(stages.TimelineType)
+    assert isinstance(keyed._coders[1], stages.InteractionCoder)
+    assert isinstance(timeline._coders[1]._elem_coder, stages.InteractionCoder)

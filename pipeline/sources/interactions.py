@@ -47,6 +47,8 @@ _DIGITS = re.compile(r"[+-]?[0-9]+")
 
 
 def _positive_int(value: str, field: str) -> tuple[int | None, str | None]:
+    if value.isascii() and value.isdigit() and len(value) <= 18 and value[0] != "0":
+        return int(value), None  # the common case: 1 to 10^18 - 1, written plainly
     value = value.strip()
     if not _DIGITS.fullmatch(value):
         return None, f"{field} {value[:40]!r} is not an integer"
@@ -61,6 +63,8 @@ def _positive_int(value: str, field: str) -> tuple[int | None, str | None]:
 
 
 def _timestamp(value: str) -> tuple[int | None, str | None]:
+    if value.isascii() and value.isdigit() and len(value) <= 18:
+        return int(value), None  # the common case: digits only, at most 10^18 - 1
     value = value.strip()
     if not value:
         return None, "timestamp is missing"
