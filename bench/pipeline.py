@@ -16,7 +16,9 @@ as the summed resident set of the subprocess and all its descendants (the Beam w
 of the largest single process is also reported (`wait4`'s rusage), and each process's own peak
 (`VmHWM`): the driver's, where the DirectRunner keeps its PCollections, and each worker's. `--quick`
 runs ML-100K and a 100,000-interaction synthetic set with one worker and 3 retriever epochs, under a
-minute.
+minute. The machine's FP32 and bf16 matmul peaks (`bench.peak`) are measured before and after the
+runs (`machine.peak_before`, `peak_after`): the same code's times follow the VM's speed from one
+session to the next, so compare figures within one JSON file.
 
     git worktree add /tmp/base REV   # the previous code
     python -m bench.pipeline --datasets ml1m --workers 1 --baseline /tmp/base --output bench/results/pipeline_speed.json
@@ -120,6 +122,17 @@ def _peak_rss(pid: int) -> int:
     except OSError:
         pass
     return 0
+
+
+def measure_peak(work: str, name: str) -> dict:
+    """The FP32 and bf16 matmul peaks (`bench.peak`, 1 s a dtype), in a process of its own."""
+    path = os.path.join(work, f"peak-{name}.json")
+    cmd = [sys.executable, "-m", "bench.peak", "--seconds", "1", "--output", path]
+    subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with open(path) as f:
+        peak = json.load(f)
+    print(f"machine peak ({name}): FP32 {peak['float32_gflops']:.0f} GFLOP/s", flush=True)
+    return peak
 
 
 def run_pipeline(args: list[str], log_path: str, tree: str = ROOT) -> dict:
@@ -236,12 +249,12 @@ def main(argv=None) -> int:
     interactions = 100_000 if args.quick else 1_000_000
     if args.quick:
         workers = [1]
-    work = args.work_dir or tempfile.mkdtemp(prefix="bench_pipeline_")
+    work = os.path.abspath(args.work_dir or tempfile.mkdtemp(prefix="bench_pipeline_"))
     os.makedirs(work, exist_ok=True)
 
     inputs = {}
     if "ml100k" in names:
-        ml100k = os.path.join(args.ml100k, "u.data")
+        ml100k = os.path.join(os.path.abspath(args.ml100k), "u.data")  # the baseline runs in another tree
         inputs["ml100k"] = (["--config", "configs/pipeline/ml100k.yaml", "--input", ml100k], 100_000)
     if "ml1m" in names:
         users, items = (6_000, 3_700) if not args.quick else (1_000, 1_500)
@@ -253,7 +266,13 @@ def main(argv=None) -> int:
         inputs["ml1m"] = (["--config", "configs/pipeline/ml1m.yaml", "--input", path], interactions)
 
     result = {
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            # How fast this VM ran today: the same code's times follow it from session to session.
+            "peak_before": measure_peak(work, "before"),
+        },
         "quick": args.quick,
         "runs": [],
     }
@@ -297,6 +316,7 @@ def main(argv=None) -> int:
                 f"{row['stage_timings_s']}" + (f", {row['speedup']:.2f}x the baseline" if args.baseline else ""),
                 flush=True,
             )
+    result["machine"]["peak_after"] = measure_peak(work, "after")
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with open(args.output, "w") as f:
         json.dump(result, f, indent=2)
