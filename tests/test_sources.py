@@ -708,3 +708,26 @@ def test_interaction_coder_round_trips_and_is_what_stage_one_groups_with():
     timeline = beam.coders.registry.get_coder(stages.TimelineType)
     assert isinstance(keyed._coders[1], stages.InteractionCoder)
     assert isinstance(timeline._coders[1]._elem_coder, stages.InteractionCoder)
+
+
+def test_distinct_in_bundle_then_distinct_is_the_set_of_every_value():
+    import apache_beam as beam
+    from apache_beam.testing.test_pipeline import TestPipeline
+    from apache_beam.testing.util import assert_that, equal_to
+
+    from pipeline import stages
+
+    rng = np.random.default_rng(4)
+    records = [{"ids": rng.integers(0, 300, size=int(rng.integers(0, 12))).tolist()} for _ in range(500)]
+    want = sorted({i for r in records for i in r["ids"]})
+    with TestPipeline() as p:
+        got = (
+            p
+            | beam.Create(records)
+            | beam.Reshuffle()  # several bundles
+            | beam.ParDo(stages._DistinctInBundle(lambda r: r["ids"]))
+            | beam.Distinct()
+        )
+        assert_that(got, equal_to(want))
+    with TestPipeline() as p:  # nothing in, nothing out
+        assert_that(p | beam.Create([]) | beam.ParDo(stages._DistinctInBundle(lambda r: r["ids"])), equal_to([]))
