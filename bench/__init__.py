@@ -1,0 +1,23 @@
+"""Benchmarks that write JSON (`python -m bench.<name>`); helpers they share."""
+
+from __future__ import annotations
+
+import json
+import os
+
+
+def require_paths(parser, pairs) -> None:
+    """`parser.error` (one line, before any work) for the first (path, flag) whose path is missing."""
+    for path, flag in pairs:
+        if not os.path.exists(path):
+            parser.error(f"{flag}: {path} not found")
+
+
+def write_json(path: str, result: dict) -> None:
+    """Writes `result` to `path` (its folder made), through a temporary file: an interrupted write
+    leaves an earlier result whole."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=2)
+    os.replace(tmp, path)

@@ -17,10 +17,11 @@ docs/performance.md for why.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
+
+from bench import require_paths, write_json
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before TensorFlow loads (dnr_tf.quiet)
 from dnr_tf import quiet  # noqa: E402
@@ -70,9 +71,7 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=10, help="alternating timing rounds")
     parser.add_argument("--output", default="bench/results/bf16_export.json")
     args = parser.parse_args(argv)
-    for path, what in ((os.path.join(args.data_dir, "schema.json"), "--data_dir"), (args.run_dir, "--run_dir")):
-        if not os.path.exists(path):
-            parser.error(f"{what}: {path} not found")
+    require_paths(parser, ((os.path.join(args.data_dir, "schema.json"), "--data_dir"), (args.run_dir, "--run_dir")))
     from bench.train_cost import machine
     from dnr_tf.evaluate import evaluate
     from dnr_tf.export import read_examples
@@ -115,9 +114,7 @@ def main(argv=None) -> int:
         }
         for p, s in speed.items()
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output, "w") as f:
-        json.dump(result, f, indent=2)
+    write_json(args.output, result)
     d, m = result["score_abs_diff"], result["test_metrics"]
     print(f"scores: bfloat16 - float32: max |diff| {d['max']:.4f}, p99 {d['p99']:.4f}, mean {d['mean']:.5f}")
     print(f"test ndcg@6: float32 {m['float32']['ndcg@6']:.4f}, bfloat16 {m['bfloat16']['ndcg@6']:.4f}")

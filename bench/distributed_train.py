@@ -24,6 +24,8 @@ import tempfile
 
 import numpy as np
 
+from bench import write_json
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOSSES = ("loss", "l_direct", "l_z", "l_adv", "l_x", "val_loss")
 
@@ -109,9 +111,7 @@ def main(argv=None) -> int:
         print(
             f"  {row['median_seconds_per_epoch']:.1f} s an epoch; losses within {drift:.1e} of one process", flush=True
         )
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output, "w") as f:
-        json.dump(result, f, indent=2)
+    write_json(args.output, result)
     print(f"written to {args.output} (runs and logs in {work})")
     return 0
 

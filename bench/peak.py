@@ -11,11 +11,11 @@ that measured peak (`shares`). FLOPs of an n x n by n x n product: 2 n^3.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import time
 
 import numpy as np
+
+from bench import write_json
 
 DTYPES = ("float32", "bfloat16")
 
@@ -80,9 +80,7 @@ def main(argv=None) -> int:
     if args.n < 1 or args.seconds <= 0:
         parser.error("--n must be >= 1 and --seconds > 0")
     peak = measure(args.n, args.seconds)
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output, "w") as f:
-        json.dump(peak, f, indent=2)
+    write_json(args.output, peak)
     fp32, bf16 = peak["float32_gflops"], peak["bfloat16_gflops"]
     print(f"matmul {args.n}x{args.n}: FP32 {fp32:.1f} GFLOP/s, bf16 {bf16:.1f} GFLOP/s")
     print(f"written to {args.output}")

@@ -47,6 +47,8 @@ import time
 
 import numpy as np
 
+from bench import write_json
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -237,9 +239,7 @@ def main(argv=None) -> int:
             "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
             "doubling": doubling(work, args.interactions, workers),
         }
-        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-        with open(args.output, "w") as f:
-            json.dump(result, f, indent=2)
+        write_json(args.output, result)
         print(f"written to {args.output} (data and logs in {work})")
         return 0
     names = [n for n in args.datasets.split(",") if n]
@@ -317,9 +317,7 @@ def main(argv=None) -> int:
                 flush=True,
             )
     result["machine"]["peak_after"] = measure_peak(work, "after")
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output, "w") as f:
-        json.dump(result, f, indent=2)
+    write_json(args.output, result)
     print(f"written to {args.output} (data and logs in {work})")
     return 0
 

@@ -22,6 +22,8 @@ import os
 import tempfile
 import time
 
+from bench import require_paths, write_json
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before TensorFlow loads (dnr_tf.quiet)
 from dnr_tf import quiet  # noqa: E402
 
@@ -124,9 +126,7 @@ def main(argv=None) -> int:
     parser.add_argument("--calls", type=int, default=30, help="profiled calls a case")
     parser.add_argument("--output", default="bench/results/profile.json")
     args = parser.parse_args(argv)
-    for path, what in ((os.path.join(args.data_dir, "schema.json"), "--data_dir"), (args.run_dir, "--run_dir")):
-        if not os.path.exists(path):
-            parser.error(f"{what}: {path} not found")
+    require_paths(parser, ((os.path.join(args.data_dir, "schema.json"), "--data_dir"), (args.run_dir, "--run_dir")))
     from bench.train_cost import machine
 
     result = {"machine": machine(), "calls": args.calls, "cases": {}}
@@ -143,9 +143,7 @@ def main(argv=None) -> int:
             + ", ".join(f"{k} {v:.1f}" for k, v in list(row["by_op_type_ms"].items())[:4]),
             flush=True,
         )
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output, "w") as f:
-        json.dump(result, f, indent=2)
+    write_json(args.output, result)
     print(f"written to {args.output}")
     return 0
 

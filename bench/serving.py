@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import argparse
 import glob
-import json
 import os
 import platform
 import time
+
+from bench import write_json
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before TensorFlow loads (dnr_tf.quiet)
 from dnr_tf import quiet  # noqa: E402
@@ -219,9 +220,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     calls, seconds, peak_size = (300, 1.0, (1024, 0.6)) if args.quick else (2000, 5.0, (2048, 2.0))
     result = run(args.model, args.data_dir, calls, [1, 16, 64, 256], seconds, args.run_dir, peak_size)
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output, "w") as f:
-        json.dump(result, f, indent=2)
+    write_json(args.output, result)
     s = result["single_request"]
     print(f"one request of {s['candidates']} candidates, {s['calls']} calls:")
     for name in ("predict_lists", "serving_default"):

@@ -29,10 +29,11 @@ GFLOP/s as a share of the FP32 and bf16 matmul peaks measured in the same proces
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time
+
+from bench import write_json
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before TensorFlow loads (dnr_tf.quiet)
 from dnr_tf import quiet  # noqa: E402
@@ -201,9 +202,7 @@ def main(argv=None) -> int:
     result = run(args.data_dir, names, rounds, steps, args.batches)
     result["peak"] = peak_lib.measure(*((1024, 0.6) if args.quick else (2048, 2.0)))  # same process
     add_shares(result)
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output, "w") as f:
-        json.dump(result, f, indent=2)
+    write_json(args.output, result)
     print(f"median seconds a training step, batch {result['batch_size']}, {result['machine']['cpu']}:")
     for key, row in result["cases"].items():
         print(
