@@ -18,6 +18,12 @@ enters the top K once, at its best-scored copy (so the top K holds distinct item
 or `user_id` whose batch differs from `item_ids`' is rejected with an error naming the field. Only
 the reranker is exported: the noise generator is training-only.
 `assets.extra/tf_serving_warmup_requests` holds a few real requests.
+
+`--jit_compile` compiles the ranking (the reranker, the de-duplication and the top K; not the input
+checks, the parsing or the item-id lookup) with XLA: the same scores within float rounding and the
+same top K, at lower latency on CPU (docs/performance.md). XLA compiles once per batch size (about a
+second each), which the warmup file does for the batch size it holds; TF Serving runs such a model
+only when started with `--xla_cpu_compilation_enabled=true`. The default export is not compiled.
 """
 
 from __future__ import annotations
@@ -37,9 +43,72 @@ WARMUP_FILE = "tf_serving_warmup_requests"
 WARMUP_REQUESTS = 4
 
 
-def serving_fns(reranker, list_size: int, k: int):
-    """(predict_lists, serve_examples) tf.functions around a built reranker."""
+def _item_lookup(reranker):
+    """The `IntegerLookup` of the reranker's item embeddings (one vocabulary for all of them)."""
+    from dnr_tf.backbones.base import ItemEmbedding
+
+    layers = [layer for layer in reranker._flatten_layers() if isinstance(layer, ItemEmbedding)]
+    if not layers or any(layer.vocabulary != layers[0].vocabulary for layer in layers[1:]):
+        raise ValueError("jit_compile needs a reranker whose item embeddings share one vocabulary")
+    return layers[0].lookup
+
+
+def serving_fns(reranker, list_size: int, k: int, jit_compile: bool = False, history_len: int = 0):
+    """(predict_lists, serve_examples) tf.functions around a built reranker.
+
+    With `jit_compile`, everything after the input checks and the item-id lookup (the reranker, the
+    de-duplication and the top K) is one XLA cluster. XLA compiles once per input shape, so the lists
+    are padded to `list_size` and the histories to at least `history_len` before it (padding changes
+    no score: padded candidates and history items are masked), and only the batch size (and a longer
+    history) makes a new shape.
+    """
     import tensorflow as tf
+
+    from dnr_tf.backbones.base import ids_as_rows
+
+    def rank(item_ids, model_ids, retriever_scores, history):
+        """Scores and top K; the reranker reads `model_ids` and `history` (raw ids, or rows)."""
+        n = tf.shape(item_ids)[1]
+        logits = reranker(
+            {S.ITEM_IDS: model_ids, S.RETRIEVER_SCORES: retriever_scores, S.HISTORY: history}, training=False
+        )
+        mask = tf.not_equal(item_ids, S.PADDING_ID)
+        scores = tf.where(mask, tf.sigmoid(logits), 0.0)
+        # An item repeated in a list enters the top K once, at its best-scored copy (the first on ties):
+        # a copy is left out when another copy of the same id scores higher, or equal at an earlier position.
+        same = tf.equal(item_ids[:, :, None], item_ids[:, None, :])  # [batch, copy j, other i]
+        position = tf.range(n)
+        earlier = position[None, :] < position[:, None]  # [j, i]: i before j
+        beaten = (logits[:, None, :] > logits[:, :, None]) | (
+            tf.equal(logits[:, None, :], logits[:, :, None]) & earlier[None]
+        )
+        shown = mask & ~tf.reduce_any(same & beaten, axis=2)
+        top = tf.math.top_k(tf.where(shown, logits, -float("inf")), k=tf.minimum(k, n))
+        valid = tf.gather(shown, top.indices, batch_dims=1)
+        indices = tf.where(valid, top.indices, -1)
+        ids = tf.where(valid, tf.gather(item_ids, top.indices, batch_dims=1), tf.zeros_like(item_ids[:, :1]))
+        short = k - tf.shape(indices)[1]
+        return scores, tf.pad(ids, [[0, 0], [0, short]]), tf.pad(indices, [[0, 0], [0, short]], constant_values=-1)
+
+    if jit_compile:
+        lookup = _item_lookup(reranker)
+
+        @tf.function(jit_compile=True)
+        def rank_rows(item_ids, rows, retriever_scores, history_rows):
+            with ids_as_rows():
+                return rank(item_ids, rows, retriever_scores, history_rows)
+
+        def ranked(item_ids, retriever_scores, history):
+            n = tf.shape(item_ids)[1]
+            grow = [[0, 0], [0, list_size - n]]
+            item_ids = tf.pad(item_ids, grow, constant_values=S.PADDING_ID)
+            retriever_scores = tf.pad(retriever_scores, grow, constant_values=S.PADDING_SCORE)
+            history = tf.pad(  # left-padded, as the records are
+                history, [[0, 0], [tf.maximum(history_len - tf.shape(history)[1], 0), 0]], constant_values=S.PADDING_ID
+            )
+            scores, ids, indices = rank_rows(item_ids, lookup(item_ids), retriever_scores, lookup(history))
+            # Padding sorts after every real candidate, so the top K is the unpadded list's.
+            return scores[:, :n], ids, indices
 
     def predict(item_ids, retriever_scores, history):
         n = tf.shape(item_ids)[1]
@@ -67,29 +136,14 @@ def serving_fns(reranker, list_size: int, k: int):
             ),
         ]
         with tf.control_dependencies(checks):
-            logits = reranker(
-                {S.ITEM_IDS: item_ids, S.RETRIEVER_SCORES: retriever_scores, S.HISTORY: history}, training=False
-            )
-        mask = tf.not_equal(item_ids, S.PADDING_ID)
-        scores = tf.where(mask, tf.sigmoid(logits), 0.0)
-        # An item repeated in a list enters the top K once, at its best-scored copy (the first on ties):
-        # a copy is left out when another copy of the same id scores higher, or equal at an earlier position.
-        same = tf.equal(item_ids[:, :, None], item_ids[:, None, :])  # [batch, copy j, other i]
-        position = tf.range(n)
-        earlier = position[None, :] < position[:, None]  # [j, i]: i before j
-        beaten = (logits[:, None, :] > logits[:, :, None]) | (
-            tf.equal(logits[:, None, :], logits[:, :, None]) & earlier[None]
-        )
-        shown = mask & ~tf.reduce_any(same & beaten, axis=2)
-        top = tf.math.top_k(tf.where(shown, logits, -float("inf")), k=tf.minimum(k, n))
-        valid = tf.gather(shown, top.indices, batch_dims=1)
-        indices = tf.where(valid, top.indices, -1)
-        ids = tf.where(valid, tf.gather(item_ids, top.indices, batch_dims=1), tf.zeros_like(item_ids[:, :1]))
-        short = k - tf.shape(indices)[1]
+            if jit_compile:
+                scores, ids, indices = ranked(item_ids, retriever_scores, history)
+            else:
+                scores, ids, indices = rank(item_ids, item_ids, retriever_scores, history)
         return {
             "scores": scores,
-            "top_k_item_ids": tf.ensure_shape(tf.pad(ids, [[0, 0], [0, short]]), [None, k]),
-            "top_k_indices": tf.ensure_shape(tf.pad(indices, [[0, 0], [0, short]], constant_values=-1), [None, k]),
+            "top_k_item_ids": tf.ensure_shape(ids, [None, k]),
+            "top_k_indices": tf.ensure_shape(indices, [None, k]),
         }
 
     @tf.function
@@ -145,8 +199,13 @@ def export_model(
     version: int | None = None,
     warmup_examples: list[bytes] | None = None,
     info: dict | None = None,
+    jit_compile: bool = False,
+    history_len: int = 0,
 ) -> str:
     """Saves `model.reranker` with both signatures into `<export_dir>/<version>/`; returns that path.
+
+    `jit_compile`: the ranking is compiled by XLA (see `serving_fns`); TF Serving runs such a model
+    only with `--xla_cpu_compilation_enabled=true`. `history_len` is the records' history length.
 
     The SavedModel is written into a temporary folder and renamed into place, so that TF Serving,
     which watches `export_dir`, never loads a half-written version.
@@ -168,7 +227,7 @@ def export_model(
     tmp = os.path.join(export_dir, f".tmp-{version}")
     shutil.rmtree(tmp, ignore_errors=True)
 
-    predict_lists, serve_examples = serving_fns(model.reranker, list_size, k)
+    predict_lists, serve_examples = serving_fns(model.reranker, list_size, k, jit_compile, history_len)
     archive = keras.export.ExportArchive()
     archive.track(model.reranker)
     archive.add_endpoint(
@@ -190,7 +249,7 @@ def export_model(
     if warmup_examples:
         write_warmup(os.path.join(extra, WARMUP_FILE), warmup_examples)
     with open(os.path.join(extra, "dnr_export.json"), "w") as f:
-        json.dump({"k": k, "list_size": list_size, **(info or {})}, f, indent=2)
+        json.dump({"k": k, "list_size": list_size, "jit_compile": jit_compile, **(info or {})}, f, indent=2)
     os.replace(tmp, final)
     return final
 
@@ -244,7 +303,13 @@ def read_examples(data_dir: str, split: str = "valid", n: int = WARMUP_REQUESTS)
     return [bytes(x.numpy()) for x in ds]
 
 
-def export_run(model_dir: str, export_dir: str, version: int | None = None, data_dir: str | None = None) -> str:
+def export_run(
+    model_dir: str,
+    export_dir: str,
+    version: int | None = None,
+    data_dir: str | None = None,
+    jit_compile: bool = False,
+) -> str:
     """Exports the best model of a run; warmup requests come from the run's data (or `data_dir`)."""
     model, cfg, schema = load_trained(model_dir)
     if data_dir is None:
@@ -259,7 +324,9 @@ def export_run(model_dir: str, export_dir: str, version: int | None = None, data
         "dnr": cfg.dnr.enabled,
         "model_dir": os.path.abspath(model_dir),
     }
-    return export_model(model, export_dir, cfg.train.k, schema.list_size, version, examples, info)
+    return export_model(
+        model, export_dir, cfg.train.k, schema.list_size, version, examples, info, jit_compile, schema.history_len
+    )
 
 
 def main(argv=None) -> int:
@@ -269,14 +336,20 @@ def main(argv=None) -> int:
     parser.add_argument("--export_dir", required=True, help="saved_models/<model_name>")
     parser.add_argument("--version", type=int, help="integer version (default: the next free one)")
     parser.add_argument("--data_dir", help="records for the warmup file (default: the run's data)")
+    parser.add_argument(
+        "--jit_compile",
+        action="store_true",
+        help="compile the ranking with XLA (faster on CPU; TF Serving needs --xla_cpu_compilation_enabled=true)",
+    )
     parser.add_argument("--verbose", action="store_true", help="show TensorFlow's, Keras' and absl's own logs too")
     args = parser.parse_args(argv)
     try:
-        path = export_run(args.model_dir, args.export_dir, args.version, args.data_dir)
+        path = export_run(args.model_dir, args.export_dir, args.version, args.data_dir, args.jit_compile)
     except (config_io.ConfigError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"exported to {path} (signatures: serving_default, predict_lists)")
+    compiled = ", compiled by XLA" if args.jit_compile else ""
+    print(f"exported to {path} (signatures: serving_default, predict_lists{compiled})")
     return 0
 
 

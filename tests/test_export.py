@@ -40,6 +40,35 @@ def _dense_batch(data_dir, n=8):
     return {key: batch[key].numpy() for key in (S.ITEM_IDS, S.RETRIEVER_SCORES, S.HISTORY, S.USER_ID)}
 
 
+# A script for a fresh process that cannot import this project (as TF Serving would load the export).
+_WITHOUT_DNR_TF = textwrap.dedent(
+    """
+    import sys, importlib.abc
+    class Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+            if name.split(".")[0] in ("dnr_tf", "pipeline"):
+                raise ImportError("the export must not need " + name)
+    sys.meta_path.insert(0, Block())
+    import numpy as np, tensorflow as tf
+    def read_examples(path):  # _write_examples' framing: a 4-byte length before each record
+        raw, ex, i = open(path, "rb").read(), [], 0
+        while i < len(raw):
+            n = int.from_bytes(raw[i:i + 4], "little"); ex.append(raw[i + 4:i + 4 + n]); i += 4 + n
+        return ex
+    """
+)
+
+
+def _write_examples(path, examples):
+    path.write_bytes(b"".join(len(e).to_bytes(4, "little") + e for e in examples))
+
+
+def _run_without_dnr_tf(script, cwd):
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    run = subprocess.run([sys.executable, "-c", script], cwd=cwd, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+
+
 def _expected(model, dense, k=6):
     logits = np.asarray(model({key: dense[key] for key in (S.ITEM_IDS, S.RETRIEVER_SCORES, S.HISTORY)}))
     mask = dense[S.ITEM_IDS] != 0
@@ -90,33 +119,22 @@ def test_fresh_process_without_dnr_tf(exported, tmp_path):
     dense = _dense_batch(exported["data_dir"], 4)
     np.savez(tmp_path / "in.npz", **dense)
     examples = read_examples(str(exported["data_dir"]), "test", 4)
-    (tmp_path / "examples.bin").write_bytes(b"".join(len(e).to_bytes(4, "little") + e for e in examples))
-    script = textwrap.dedent(
+    _write_examples(tmp_path / "examples.bin", examples)
+    script = _WITHOUT_DNR_TF + textwrap.dedent(
         f"""
-        import sys, importlib.abc
-        class Block(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path, target=None):
-                if name.split(".")[0] in ("dnr_tf", "pipeline"):
-                    raise ImportError("the export must not need " + name)
-        sys.meta_path.insert(0, Block())
-        import numpy as np, tensorflow as tf
         m = tf.saved_model.load({exported["path"]!r})
         d = np.load({str(tmp_path / "in.npz")!r})
         a = m.signatures["predict_lists"](item_ids=tf.constant(d["item_ids"]),
             retriever_scores=tf.constant(d["retriever_scores"]), history=tf.constant(d["history"]),
             user_id=tf.constant(d["user_id"]))
-        raw = open({str(tmp_path / "examples.bin")!r}, "rb").read()
-        ex, i = [], 0
-        while i < len(raw):
-            n = int.from_bytes(raw[i:i + 4], "little"); ex.append(raw[i + 4:i + 4 + n]); i += 4 + n
+        ex = read_examples({str(tmp_path / "examples.bin")!r})
         b = m.signatures["serving_default"](examples=tf.constant(ex))
         assert not any(k.startswith(("dnr_tf", "pipeline")) for k in sys.modules)
         np.savez({str(tmp_path / "out.npz")!r}, a=a["scores"].numpy(), b=b["scores"].numpy(),
                  ids=a["top_k_item_ids"].numpy())
         """
     )
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, check=True, capture_output=True)
+    _run_without_dnr_tf(script, tmp_path)
     out = np.load(tmp_path / "out.npz")
     scores, top = _expected(exported["model"], dense)
     np.testing.assert_allclose(out["a"], scores, atol=1e-5)
@@ -402,15 +420,8 @@ def test_a_repeated_item_enters_the_top_k_once_in_a_fresh_process(exported, tmp_
     ).SerializeToString()
     np.savez(tmp_path / "in.npz", ids=ids, scores=scores, history=history)
     (tmp_path / "example.bin").write_bytes(example)
-    script = textwrap.dedent(
+    script = _WITHOUT_DNR_TF + textwrap.dedent(
         f"""
-        import sys, importlib.abc
-        class Block(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path, target=None):
-                if name.split(".")[0] in ("dnr_tf", "pipeline"):
-                    raise ImportError("the export must not need " + name)
-        sys.meta_path.insert(0, Block())
-        import numpy as np, tensorflow as tf
         m = tf.saved_model.load({exported["path"]!r})
         d = np.load({str(tmp_path / "in.npz")!r})
         a = m.signatures["predict_lists"](item_ids=tf.constant(d["ids"]), retriever_scores=tf.constant(d["scores"]),
@@ -420,8 +431,7 @@ def test_a_repeated_item_enters_the_top_k_once_in_a_fresh_process(exported, tmp_
         np.savez({str(tmp_path / "out.npz")!r}, **{{p + k: o[k].numpy() for p, o in (("a_", a), ("b_", b)) for k in o}})
         """
     )
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, check=True, capture_output=True)
+    _run_without_dnr_tf(script, tmp_path)
     out = np.load(tmp_path / "out.npz")
     for p in ("a_", "b_"):
         scores_out, top_ids, top_idx = out[p + "scores"][0], out[p + "top_k_item_ids"][0], out[p + "top_k_indices"][0]
@@ -450,3 +460,85 @@ def test_warmup_without_tensorflow_serving(tmp_path, monkeypatch):
         request.inputs["examples"].CopyFrom(tf.make_tensor_proto(examples[start : start + 2], dtype=tf.string))
         expected.append(prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request)))
     assert [prediction_log_pb2.PredictionLog.FromString(r) for r in records] == expected
+
+
+def test_jit_compile_export_matches_the_default_in_a_fresh_process(exported, tmp_path):
+    """`--jit_compile`: the ranking is one XLA cluster in the SavedModel, and a process without dnr_tf gets
+    the default export's scores (1e-5) and top K (exactly) on full lists, a short list with a repeated and an
+    unknown id, a history longer than the records', and `serving_default`; bad input is still refused."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    from dnr_tf.export import export_run, main
+
+    path = export_run(str(exported["run"]), str(tmp_path / "xla"), jit_compile=True)
+    assert json.load(open(os.path.join(path, "assets.extra", "dnr_export.json")))["jit_compile"] is True
+    graph = saved_model_pb2.SavedModel.FromString(open(os.path.join(path, "saved_model.pb"), "rb").read())
+    compiled = [
+        f.signature.name
+        for f in graph.meta_graphs[0].graph_def.library.function
+        if f.attr["_XlaMustCompile"].b and any(n.op == "TopKV2" for n in f.node_def)
+    ]
+    assert compiled, "no XLA-compiled function holds the top K"
+
+    dense = _dense_batch(exported["data_dir"], 8)
+    a, b = (int(v) for v in dense[S.ITEM_IDS][0, :2])
+    schema = exported["schema"]
+    long_history = np.concatenate([dense[S.HISTORY][:1], [[a, b, 7]]], axis=1)
+    np.savez(
+        tmp_path / "in.npz",
+        **dense,
+        short_ids=np.array([[a, a, 10**15, b]], np.int64),
+        short_scores=np.array([[0.2, 0.9, 0.5, 0.5]], np.float32),
+        long_history=long_history,
+    )
+    assert long_history.shape[1] == schema.history_len + 3
+    examples = read_examples(str(exported["data_dir"]), "test", 8)
+    _write_examples(tmp_path / "examples.bin", examples)
+    script = _WITHOUT_DNR_TF + textwrap.dedent(
+        f"""
+        d = np.load({str(tmp_path / "in.npz")!r})
+        ex = read_examples({str(tmp_path / "examples.bin")!r})
+        def lists(m, ids, scores, history):
+            return m.signatures["predict_lists"](item_ids=tf.constant(ids), retriever_scores=tf.constant(scores),
+                history=tf.constant(history), user_id=tf.ones([len(ids)], tf.int64))
+        out = {{}}
+        for name, path in (("plain", {exported["path"]!r}), ("xla", {path!r})):
+            m = tf.saved_model.load(path)
+            calls = {{
+                "full": lists(m, d["item_ids"], d["retriever_scores"], d["history"]),
+                "short": lists(m, d["short_ids"], d["short_scores"], d["history"][:1]),
+                "long_history": lists(m, d["item_ids"][:1], d["retriever_scores"][:1], d["long_history"]),
+                "examples": m.signatures["serving_default"](examples=tf.constant(ex)),
+            }}
+            out.update({{f"{{name}}/{{c}}/{{k}}": v[k].numpy() for c, v in calls.items() for k in v}})
+            try:
+                lists(m, d["short_ids"], d["short_scores"] + 1.0, d["history"][:1])
+                out[name + "/refused"] = np.array("")
+            except tf.errors.InvalidArgumentError as e:
+                out[name + "/refused"] = np.array(e.message)
+        np.savez({str(tmp_path / "out.npz")!r}, **out)
+        """
+    )
+    _run_without_dnr_tf(script, tmp_path)
+    out = np.load(tmp_path / "out.npz")
+    for call in ("full", "short", "long_history", "examples"):
+        plain = {k: out[f"plain/{call}/{k}"] for k in ("scores", "top_k_item_ids", "top_k_indices")}
+        xla = {k: out[f"xla/{call}/{k}"] for k in plain}
+        assert xla["scores"].shape == plain["scores"].shape, call
+        np.testing.assert_allclose(xla["scores"], plain["scores"], atol=1e-5, err_msg=call)
+        np.testing.assert_array_equal(xla["top_k_indices"], plain["top_k_indices"], err_msg=call)
+        np.testing.assert_array_equal(xla["top_k_item_ids"], plain["top_k_item_ids"], err_msg=call)
+    assert out["xla/short/top_k_indices"][0, 3:].tolist() == [-1] * 3  # a, the unknown id and b: three distinct
+    assert "retriever_scores must be finite numbers in [0, 1]" in str(out["xla/refused"]), out["xla/refused"]
+    assert str(out["plain/refused"]) and str(out["xla/refused"])
+
+    assert main(["--model_dir", str(exported["run"]), "--export_dir", str(tmp_path / "cli"), "--jit_compile"]) == 0
+    assert json.load(open(tmp_path / "cli" / "1" / "assets.extra" / "dnr_export.json"))["jit_compile"] is True
+
+    from bench.serving import side_by_side
+
+    pair = {"model": tf.saved_model.load(exported["path"]), "compare_model": tf.saved_model.load(path)}
+    side = side_by_side(pair, examples, [4], calls=10, seconds=0.2)
+    for sig in ("predict_lists", "serving_default"):
+        assert side["single_request_ms"][sig]["compare_model"]["p50"] > 0
+        assert np.isfinite(side["speedup_compare_model_over_model"]["throughput"]["4"][sig])

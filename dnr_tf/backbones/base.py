@@ -9,12 +9,32 @@ and returns per-item logits `[batch, list_size]`, with padding at `PADDING_LOGIT
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import keras
 from keras import ops
 
 from dnr_tf import schema as S
 
 PADDING_LOGIT = -1e9
+
+_ROWS_GIVEN = contextvars.ContextVar("dnr_rows_given", default=False)
+
+
+@contextlib.contextmanager
+def ids_as_rows():
+    """Calls traced within take item ids already mapped by `ItemEmbedding.lookup` (its table's rows).
+
+    For a serving function compiled by XLA: the lookup's hash table cannot be compiled, so it runs
+    before the compiled part, which starts from the rows. Every `ItemEmbedding` of a model shares one
+    vocabulary (the pipeline's), so one lookup serves them all.
+    """
+    token = _ROWS_GIVEN.set(True)
+    try:
+        yield
+    finally:
+        _ROWS_GIVEN.reset(token)
 
 
 def candidate_mask(features):
@@ -44,7 +64,7 @@ class ItemEmbedding(keras.layers.Layer):
         )
 
     def call(self, ids):
-        return self.embedding(self.lookup(ids))
+        return self.embedding(ids if _ROWS_GIVEN.get() else self.lookup(ids))
 
     def get_config(self):
         return {**super().get_config(), "vocabulary": self.vocabulary, "dim": self.dim}
