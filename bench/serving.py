@@ -1,7 +1,8 @@
 """Serving benchmark through the loaded SavedModel (what TF Serving runs), written as JSON.
 
     python -m bench.serving --model saved_models/ml100k_dnr_b/1 --data_dir data/ml100k \
-        [--run_dir runs/ml100k_dnr_b] --output bench/results/serving.json [--quick]
+        [--run_dir runs/ml100k_dnr_b] [--compare_model saved_models/ml100k_dnr_b_xla/1] \
+        --output bench/results/serving.json [--quick]
 
 Measures `predict_lists` (dense tensors) in-process: the latency of one request of 50 candidates
 (p50, p99 over `--calls` calls, after warm-up) and the throughput in lists per second at several
@@ -13,7 +14,10 @@ every dense and attention kernel per candidate (the user-state layer once per re
 attention's scores and weighted sum (2 x 2 x list size x width per candidate and block); lookups,
 norms and activations are left out (they are a few per cent). With `--run_dir`, the same serving
 function is also timed in memory (the trained model rebuilt by dnr_tf, not exported), in rounds
-alternating with the export, to check that the export is not slower.
+alternating with the export, to check that the export is not slower. With `--compare_model`
+(another export of the same reranker, e.g. `dnr_tf.export --jit_compile`), both exports are timed
+in alternating rounds on the same requests (`exports_side_by_side`: one-request percentiles over
+the pooled rounds, throughput as the median of the rounds, and the ratio of the second to the first).
 """
 
 from __future__ import annotations
@@ -147,6 +151,54 @@ def export_vs_memory(loaded, run_dir: str, records: list[bytes], batches: list[i
     return out
 
 
+def side_by_side(loaded: dict, records: list[bytes], batches: list[int], calls: int, seconds: float) -> dict:
+    """Two or more loaded exports in alternating rounds on the same requests (see the module doc)."""
+    rounds = 5
+    names = list(loaded)
+    one, one_ex = _dense(records[:1]), tf.constant(records[:1])
+    single = {}
+    for sig, args in (("predict_lists", one), ("serving_default", {"examples": one_ex})):
+        lat = {name: [] for name in names}
+        for name in names:  # warm-up (and, for an XLA export, its compilation for this shape)
+            _latencies(lambda fn=loaded[name].signatures[sig], args=args: fn(**args), 0, warmup=50)
+        for _ in range(rounds):
+            for name in names:
+                fn = loaded[name].signatures[sig]
+                lat[name].append(_latencies(lambda fn=fn, args=args: fn(**args), calls // rounds, warmup=5))
+        single[sig] = {
+            name: {q: 1e3 * float(np.percentile(np.concatenate(lat[name]), int(q[1:]))) for q in ("p50", "p99")}
+            for name in names
+        }
+    throughput = {}
+    for batch in batches:
+        dense, ex = _dense(records[:batch]), tf.constant(records[:batch])
+        row = {}
+        for sig, args in (("predict_lists", dense), ("serving_default", {"examples": ex})):
+            rates = {name: [] for name in names}
+            for _ in range(rounds):
+                for name in names:
+                    fn = loaded[name].signatures[sig]
+                    rates[name].append(_rate(lambda fn=fn, args=args: fn(**args), batch, seconds / rounds))
+            row[sig] = {name: float(np.median(r)) for name, r in rates.items()}
+            row[sig]["ranges"] = {name: [float(min(r)), float(max(r))] for name, r in rates.items()}
+        throughput[str(batch)] = row
+    first, second = names[0], names[1]
+    ratios = {
+        "throughput": {
+            batch: {sig: row[sig][second] / row[sig][first] for sig in ("predict_lists", "serving_default")}
+            for batch, row in throughput.items()
+        },
+        "single_request_p50": {sig: single[sig][first]["p50"] / single[sig][second]["p50"] for sig in single},
+        "single_request_p99": {sig: single[sig][first]["p99"] / single[sig][second]["p99"] for sig in single},
+    }
+    return {
+        "rounds": rounds,
+        "single_request_ms": single,
+        "throughput_lists_per_s": throughput,
+        f"speedup_{second}_over_{first}": ratios,
+    }
+
+
 def run(
     model: str,
     data_dir: str,
@@ -155,6 +207,7 @@ def run(
     seconds: float,
     run_dir: str | None = None,
     peak_size: tuple[int, float] = (2048, 2.0),
+    compare_model: str | None = None,
 ) -> dict:
     """`peak_size`: (n, seconds) of the peak matmuls (`bench.peak.measure`)."""
     loaded = tf.saved_model.load(model)
@@ -205,6 +258,13 @@ def run(
     )
     if run_dir:
         result["export_vs_in_memory_lists_per_s"] = export_vs_memory(loaded, run_dir, records, batches, seconds)
+    if compare_model:
+        pair = {"model": loaded, "compare_model": tf.saved_model.load(compare_model)}
+        result["exports_side_by_side"] = {
+            "compare_model": os.path.abspath(compare_model),
+            **side_by_side(pair, records, batches, calls, seconds),
+        }
+        result["peak_after"] = peak_lib.measure(*peak_size)
     return result
 
 
@@ -215,11 +275,14 @@ def main(argv=None) -> int:
     parser.add_argument("--model", required=True, help="saved_models/<name>/<version>")
     parser.add_argument("--data_dir", required=True, help="pipeline output whose test records are the requests")
     parser.add_argument("--run_dir", help="the run the export came from: also time the model in memory")
+    parser.add_argument("--compare_model", help="another export (e.g. --jit_compile) timed side by side with --model")
     parser.add_argument("--output", default="bench/results/serving.json")
     parser.add_argument("--quick", action="store_true", help="a run under a minute")
     args = parser.parse_args(argv)
     calls, seconds, peak_size = (300, 1.0, (1024, 0.6)) if args.quick else (2000, 5.0, (2048, 2.0))
-    result = run(args.model, args.data_dir, calls, [1, 16, 64, 256], seconds, args.run_dir, peak_size)
+    result = run(
+        args.model, args.data_dir, calls, [1, 16, 64, 256], seconds, args.run_dir, peak_size, args.compare_model
+    )
     write_json(args.output, result)
     s = result["single_request"]
     print(f"one request of {s['candidates']} candidates, {s['calls']} calls:")
@@ -248,6 +311,20 @@ def main(argv=None) -> int:
                 f"{row['export_function']:8.0f}   in memory {row['in_memory']:8.0f}   "
                 f"signature / in memory {row['export_signature_over_in_memory']:.3f}"
             )
+    if "exports_side_by_side" in result:
+        side = result["exports_side_by_side"]
+        print(f"--model against --compare_model, {side['rounds']} alternating rounds:")
+        for sig, row in side["single_request_ms"].items():
+            a, b = row["model"], row["compare_model"]
+            p50, p99 = f"{a['p50']:.2f} -> {b['p50']:.2f}", f"{a['p99']:.2f} -> {b['p99']:.2f}"
+            print(f"  one request, {sig:16s} p50 {p50} ms   p99 {p99} ms")
+        for batch, row in side["throughput_lists_per_s"].items():
+            cells = "   ".join(
+                f"{sig} {row[sig]['model']:8.0f} -> {row[sig]['compare_model']:8.0f} "
+                f"({row[sig]['compare_model'] / row[sig]['model']:.2f}x)"
+                for sig in ("predict_lists", "serving_default")
+            )
+            print(f"  batch {batch:>4s}: {cells}")
     print(f"written to {args.output}")
     return 0
 
