@@ -124,6 +124,10 @@ GROUPS = {
     "test_serving_fuzz.py": "test_train.py",
     # `nan_skip_run` (a DNR-B training on data with a NaN score) is shared by these two.
     "test_reliability_train.py": "test_distribute.py",
+    # No shared fixture: xdist hands out the groups with most tests first, and this file (3 tests, about
+    # 130 s on a slow VM, in-process training) came last and ran alone on one worker while the other
+    # idled (2026-12-06 20:50: 70 s). With the 97 quick refusal tests it is handed out first.
+    "test_kill_safety.py": "test_refusals.py",
 }
 
 
