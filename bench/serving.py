@@ -6,7 +6,9 @@
 
 Measures `predict_lists` (dense tensors) in-process: the latency of one request of 50 candidates
 (p50, p99 over `--calls` calls, after warm-up) and the throughput in lists per second at several
-batch sizes, and the same of `serving_default` (serialized tf.Examples, parsing included).
+batch sizes, and the same of `serving_default` (serialized tf.Examples, parsing included). One
+request is also timed with both signatures and the parsing alone called in turn, call by call
+(`single_request_interleaved_ms`: p50 to p99.9, the maximum and the calls over twice the median).
 It imports nothing of dnr_tf for the measured path: the SavedModel alone is timed.
 
 FLOPs of one list are counted from the SavedModel's weights (`flops_per_list`): 2 x the size of
@@ -107,6 +109,44 @@ def _latencies(fn, calls: int, warmup: int) -> np.ndarray:
         fn()
         out[i] = time.perf_counter() - start
     return out
+
+
+def interleaved(fns: dict, calls: int, warmup: int = 50) -> dict:
+    """Latency percentiles of several callers timed call by call in turn (so a slow spell of the
+    machine hits each alike), with the count of calls over twice their own median (spikes)."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: np.empty(calls) for name in fns}
+    for i in range(calls):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name][i] = time.perf_counter() - start
+    out = {}
+    for name, t in times.items():
+        ms = 1e3 * t
+        row = {f"p{q}": float(np.percentile(ms, q)) for q in (50, 90, 99, 99.9)}
+        row["max"] = float(ms.max())
+        row["over_twice_p50"] = int(np.sum(ms > 2 * row["p50"]))
+        out[name] = row
+    return out
+
+
+def _parse_only():
+    """What `serving_default` does before `predict_lists`' path: parse the examples, pad to dense."""
+    spec = {
+        "item_ids": tf.io.RaggedFeature(tf.int64),
+        "retriever_scores": tf.io.RaggedFeature(tf.float32),
+        "history": tf.io.RaggedFeature(tf.int64),
+    }
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
+    def parse(examples):
+        parsed = tf.io.parse_example(examples, spec)
+        return [parsed[key].to_tensor() for key in spec]
+
+    return parse
 
 
 def _rate(call, batch: int, seconds: float) -> float:
@@ -236,6 +276,16 @@ def run(
             "p99": 1e3 * float(np.percentile(lat_ex, 99)),
         },
     }
+    # What the parsing adds, and where the p99 comes from: both signatures and the parsing alone, call by call.
+    parse = _parse_only()
+    result["single_request_interleaved_ms"] = interleaved(
+        {
+            "predict_lists": lambda: dense_fn(**one),
+            "serving_default": lambda: examples_fn(examples=one_ex),
+            "parse_only": lambda: parse(one_ex),
+        },
+        calls,
+    )
     result["throughput_lists_per_s"] = {}
     for batch in batches:
         dense = _dense(records[:batch])
@@ -288,6 +338,12 @@ def main(argv=None) -> int:
     print(f"one request of {s['candidates']} candidates, {s['calls']} calls:")
     for name in ("predict_lists", "serving_default"):
         print(f"  {name:16s} p50 {s[f'{name}_ms']['p50']:.2f} ms   p99 {s[f'{name}_ms']['p99']:.2f} ms")
+    print("one request, the callers in turn call by call (ms; spikes: calls over twice their p50):")
+    for name, row in result["single_request_interleaved_ms"].items():
+        print(
+            f"  {name:16s} p50 {row['p50']:.3f}   p99 {row['p99']:.3f}   p99.9 {row['p99.9']:.3f}   "
+            f"max {row['max']:.2f}   spikes {row['over_twice_p50']}"
+        )
     print("throughput (lists/s):")
     for batch, row in result["throughput_lists_per_s"].items():
         dense_rate, examples_rate = row["predict_lists"], row["serving_default"]

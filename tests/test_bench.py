@@ -70,3 +70,21 @@ def test_profile_groups_an_op_by_the_two_scopes_under_the_call():
     assert _scope("reranker_1/block_0_1/multi_head_attention_1/softmax_1/Softmax") == "reranker_1/block_0_1"
     assert _scope("StatefulPartitionedCall/UnsortedSegmentSum") == "(top level)"
     assert _scope("Equal_1") == "(top level)"
+
+
+def test_interleaved_latencies_count_the_spikes_of_each_caller():
+    import time
+
+    from bench.serving import interleaved
+
+    n = {"calls": 0}
+
+    def spiky():  # every tenth call 10x slower
+        n["calls"] += 1
+        time.sleep(0.02 if n["calls"] % 10 == 0 else 0.002)
+
+    out = interleaved({"steady": lambda: time.sleep(0.002), "spiky": spiky}, calls=40, warmup=0)
+    row = out["spiky"]
+    assert row["over_twice_p50"] >= 4 and row["max"] >= 20 and 2 <= row["p50"] < 10, row
+    assert row["p50"] <= row["p90"] <= row["p99"] <= row["p99.9"] <= row["max"], row
+    assert out["steady"]["max"] < row["max"] or out["steady"]["over_twice_p50"] < 4, out
