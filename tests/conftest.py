@@ -8,6 +8,10 @@ import pathlib
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+# `make test` runs two xdist workers on two cores: each runs TensorFlow's ops on one thread, so that the
+# two do not fight over the cores (set before any test module imports TensorFlow; subprocesses inherit it).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
 DEFAULT_ML100K = ROOT.parent / "shared" / "data" / "ml-100k"
 
 
