@@ -53,6 +53,12 @@ def _item_lookup(reranker):
     return layers[0].lookup
 
 
+def _random_ops(graph_def) -> list[str]:
+    """The random-number op types in a traced graph and the functions it calls."""
+    nodes = list(graph_def.node) + [n for f in graph_def.library.function for n in f.node_def]
+    return sorted({n.op for n in nodes if "Random" in n.op})
+
+
 def serving_fns(reranker, list_size: int, k: int, jit_compile: bool = False, history_len: int = 0):
     """(predict_lists, serve_examples) tf.functions around a built reranker.
 
@@ -97,6 +103,16 @@ def serving_fns(reranker, list_size: int, k: int, jit_compile: bool = False, his
         def rank_rows(item_ids, rows, retriever_scores, history_rows):
             with ids_as_rows():
                 return rank(item_ids, rows, retriever_scores, history_rows)
+
+        ids = tf.TensorSpec([None, list_size], tf.int64)
+        traced = rank_rows.get_concrete_function(
+            ids, ids, tf.TensorSpec([None, list_size], tf.float32), tf.TensorSpec([None, None], tf.int64)
+        )
+        if drawn := _random_ops(traced.graph.as_graph_def()):
+            raise ValueError(
+                f"--jit_compile: this reranker draws random numbers when it serves ({', '.join(drawn)}), and "
+                "XLA draws other numbers than TensorFlow's kernels from the same seed; export it without --jit_compile"
+            )
 
         def ranked(item_ids, retriever_scores, history):
             n = tf.shape(item_ids)[1]
@@ -345,7 +361,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         path = export_run(args.model_dir, args.export_dir, args.version, args.data_dir, args.jit_compile)
-    except (config_io.ConfigError, FileNotFoundError, FileExistsError) as e:
+    except (config_io.ConfigError, FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     compiled = ", compiled by XLA" if args.jit_compile else ""

@@ -176,3 +176,37 @@ def test_geneval_shows_a_proposed_list_and_trains_its_evaluator(synthetic_data):
     assert np.isfinite(aux) and aux > 0
     dnr.train_step((feats, labels))
     assert not np.allclose(before, evaluator.numpy()), "the evaluator is trained through the auxiliary loss"
+
+
+def test_jit_compile_export_of_a_recurrent_backbone_and_the_refusal_of_geneval(synthetic_data, tmp_path):
+    """GRU4Rec (a recurrent loop inside the XLA cluster) serves the in-memory scores; GenEval draws its
+    proposals at random when it serves, which XLA would draw differently: refused before anything is written."""
+    import tensorflow as tf
+
+    from dnr_tf import config_io
+    from dnr_tf import schema as schema_lib
+    from dnr_tf.config import ExperimentConfig
+    from dnr_tf.export import export_model
+    from dnr_tf.runs import build_model, read_vocab
+    from dnr_tf.train import datasets
+
+    data_dir = str(synthetic_data[0])
+    schema = schema_lib.load_schema(data_dir)
+    for backbone in ("gru4rec", "geneval"):
+        data = config_io.apply_overrides(config_io.load_yaml("configs/smoke.yaml"), [f"model.backbone={backbone}"])
+        cfg = config_io.from_dict(ExperimentConfig, data)
+        features, _ = next(iter(datasets(data_dir, cfg, schema)[2]))
+        model = build_model(cfg, read_vocab(data_dir), schema, features)
+        out = tmp_path / backbone
+
+        args = (model, str(out), 6, schema.list_size)
+        if backbone == "geneval":
+            with pytest.raises(ValueError, match="draws random numbers when it serves .*StatelessRandomUniform"):
+                export_model(*args, jit_compile=True, history_len=schema.history_len)
+            assert not out.exists()
+            continue
+        path = export_model(*args, jit_compile=True, history_len=schema.history_len)
+        served = tf.saved_model.load(path).signatures["predict_lists"](**{k: features[k] for k in features})
+        logits = np.asarray(model(features))
+        expected = np.where(features[S.ITEM_IDS].numpy() != 0, 1 / (1 + np.exp(-logits)), 0.0)
+        np.testing.assert_allclose(served["scores"].numpy(), expected, atol=1e-5)
