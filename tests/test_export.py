@@ -512,11 +512,21 @@ def test_jit_compile_export_matches_the_default_in_a_fresh_process(exported, tmp
                 "examples": m.signatures["serving_default"](examples=tf.constant(ex)),
             }}
             out.update({{f"{{name}}/{{c}}/{{k}}": v[k].numpy() for c, v in calls.items() for k in v}})
-            try:
-                lists(m, d["short_ids"], d["short_scores"] + 1.0, d["history"][:1])
-                out[name + "/refused"] = np.array("")
-            except tf.errors.InvalidArgumentError as e:
-                out[name + "/refused"] = np.array(e.message)
+            bad = [
+                (d["short_ids"], d["short_scores"] + 1.0, d["history"][:1]),  # a score above 1
+                (np.ones((1, 60), np.int64), np.full((1, 60), 0.5, np.float32), d["history"][:1]),  # too long
+                (d["short_ids"], d["short_scores"][:, :3], d["history"][:1]),  # shapes differ
+                (-d["short_ids"], d["short_scores"], d["history"][:1]),  # negative ids
+                (d["short_ids"], d["short_scores"], d["history"][:2]),  # two history rows for one list
+            ]
+            refused = []
+            for args in bad:
+                try:
+                    lists(m, *args)
+                    refused.append("")
+                except tf.errors.InvalidArgumentError as e:
+                    refused.append([line for line in e.message.splitlines() if "assertion failed" in line][0])
+            out[name + "/refused"] = np.array(refused)
         np.savez({str(tmp_path / "out.npz")!r}, **out)
         """
     )
@@ -530,8 +540,11 @@ def test_jit_compile_export_matches_the_default_in_a_fresh_process(exported, tmp
         np.testing.assert_array_equal(xla["top_k_indices"], plain["top_k_indices"], err_msg=call)
         np.testing.assert_array_equal(xla["top_k_item_ids"], plain["top_k_item_ids"], err_msg=call)
     assert out["xla/short/top_k_indices"][0, 3:].tolist() == [-1] * 3  # a, the unknown id and b: three distinct
-    assert "retriever_scores must be finite numbers in [0, 1]" in str(out["xla/refused"]), out["xla/refused"]
-    assert str(out["plain/refused"]) and str(out["xla/refused"])
+    # Each bad request is refused by the same check, with the same message, as by the default export.
+    assert out["xla/refused"].tolist() == out["plain/refused"].tolist()
+    phrases = ["must be finite numbers in [0, 1]", "more candidates than", "must have the shape", ">= 0", "one row per"]
+    for message, phrase in zip(out["xla/refused"].tolist(), phrases, strict=True):
+        assert phrase in message, (phrase, message)
 
     from bench.serving import side_by_side
 
