@@ -4,12 +4,15 @@
 
 Issue 17 asks to profile before changing anything. Cases: `serving`, the run's reranker behind
 `dnr_tf.export.serving_fns` (`predict_lists`) on 256 test lists; and the training steps `direct`,
-`heuristic` and `model_based` of `bench.train_cost` (batch 128). Each case is warmed up, then
-`--calls` calls run under `tf.profiler.experimental`, and the trace is read with the profiler's own
-`framework_op_stats` tool. Reported per case: milliseconds a call (timed without the profiler),
-the self time of every op a call, summed by op type and by the model scope it ran in (the first two
-name scopes under the call, e.g. `reranker_1/block_0_1` or `gradient_tape/reranker_1`), and the
-share of the two cores the ops kept busy (self time a call / (2 x wall time)).
+`heuristic` and `model_based` of `bench.train_cost` (batch 128). `--cases` picks some, and
+`--serving_batch` sets the serving case's batch. (The profiler's op statistics do not see inside an
+XLA cluster, so the `--jit_compile` export cannot be profiled this way: its ops show as none.) Each
+case is warmed up, then `--calls` calls run under `tf.profiler.experimental`, and the trace is read
+with the profiler's own `framework_op_stats` tool. Reported per case: milliseconds a call (timed
+without the profiler), the self time of every op a call, summed by op type and by the model scope it
+ran in (the first two name scopes under the call, e.g. `reranker_1/block_0_1` or
+`gradient_tape/reranker_1`), and the share of the two cores the ops kept busy (self time a call / (2
+x wall time)).
 """
 
 from __future__ import annotations
@@ -124,15 +127,21 @@ def main(argv=None) -> int:
     parser.add_argument("--data_dir", required=True, help="data/ml100k (make ml100k)")
     parser.add_argument("--run_dir", required=True, help="a finished run of that data, for the serving case")
     parser.add_argument("--calls", type=int, default=30, help="profiled calls a case")
+    parser.add_argument("--cases", default=",".join(("serving", *TRAIN_CASES)), help="comma-separated cases")
+    parser.add_argument("--serving_batch", type=int, default=256, help="lists a serving call")
     parser.add_argument("--output", default="bench/results/profile.json")
     args = parser.parse_args(argv)
     require_paths(parser, ((os.path.join(args.data_dir, "schema.json"), "--data_dir"), (args.run_dir, "--run_dir")))
     from bench.train_cost import machine
 
     result = {"machine": machine(), "calls": args.calls, "cases": {}}
-    cases = {"serving": lambda: serving_case(args.data_dir, args.run_dir)}
+    wanted = args.cases.split(",")
+    if unknown := sorted(set(wanted) - {"serving", *TRAIN_CASES}):
+        parser.error(f"--cases: unknown {', '.join(unknown)} (known: serving, {', '.join(TRAIN_CASES)})")
+    cases = {"serving": lambda: serving_case(args.data_dir, args.run_dir, args.serving_batch)}
     cases.update({name: (lambda name=name: train_case(args.data_dir, name)) for name in TRAIN_CASES})
-    for name, make in cases.items():
+    result["serving_batch"] = args.serving_batch
+    for name, make in ((name, cases[name]) for name in wanted):
         call = make()
         for _ in range(10):  # tracing and warm-up
             call()

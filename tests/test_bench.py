@@ -88,3 +88,15 @@ def test_interleaved_latencies_count_the_spikes_of_each_caller():
     assert row["over_twice_p50"] >= 4 and row["max"] >= 20 and 2 <= row["p50"] < 10, row
     assert row["p50"] <= row["p90"] <= row["p99"] <= row["p99.9"] <= row["max"], row
     assert out["steady"]["max"] < row["max"] or out["steady"]["over_twice_p50"] < 4, out
+
+
+def test_profile_refuses_an_unknown_case_before_any_work(tmp_path, capsys):
+    import pytest
+
+    from bench import profile
+
+    (tmp_path / "schema.json").write_text("{}")
+    with pytest.raises(SystemExit):
+        profile.main(["--data_dir", str(tmp_path), "--run_dir", str(tmp_path), "--cases", "serving,bogus"])
+    assert "--cases: unknown bogus (known: serving, direct, heuristic, model_based)" in capsys.readouterr().err
+    assert not (tmp_path / "bench").exists()
