@@ -42,6 +42,13 @@ import tensorflow as tf  # noqa: E402
 
 from bench import peak as peak_lib  # noqa: E402
 
+# The three list fields as the export's `serving_default` parses them.
+_LISTS = {
+    "item_ids": tf.io.RaggedFeature(tf.int64),
+    "retriever_scores": tf.io.RaggedFeature(tf.float32),
+    "history": tf.io.RaggedFeature(tf.int64),
+}
+
 
 def _records(data_dir: str, n: int) -> list[bytes]:
     files = sorted(glob.glob(os.path.join(data_dir, "test-*.tfrecord.gz")))
@@ -50,12 +57,7 @@ def _records(data_dir: str, n: int) -> list[bytes]:
 
 
 def _dense(records: list[bytes]) -> dict:
-    spec = {
-        "item_ids": tf.io.RaggedFeature(tf.int64),
-        "retriever_scores": tf.io.RaggedFeature(tf.float32),
-        "history": tf.io.RaggedFeature(tf.int64),
-        "user_id": tf.io.FixedLenFeature([], tf.int64),
-    }
+    spec = {**_LISTS, "user_id": tf.io.FixedLenFeature([], tf.int64)}
     parsed = tf.io.parse_example(tf.constant(records), spec)
     return {
         "item_ids": parsed["item_ids"].to_tensor(),
@@ -135,16 +137,11 @@ def interleaved(fns: dict, calls: int, warmup: int = 50) -> dict:
 
 def _parse_only():
     """What `serving_default` does before `predict_lists`' path: parse the examples, pad to dense."""
-    spec = {
-        "item_ids": tf.io.RaggedFeature(tf.int64),
-        "retriever_scores": tf.io.RaggedFeature(tf.float32),
-        "history": tf.io.RaggedFeature(tf.int64),
-    }
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
     def parse(examples):
-        parsed = tf.io.parse_example(examples, spec)
-        return [parsed[key].to_tensor() for key in spec]
+        parsed = tf.io.parse_example(examples, _LISTS)
+        return [parsed[key].to_tensor() for key in _LISTS]
 
     return parse
 
@@ -192,7 +189,8 @@ def export_vs_memory(loaded, run_dir: str, records: list[bytes], batches: list[i
 
 
 def side_by_side(loaded: dict, records: list[bytes], batches: list[int], calls: int, seconds: float) -> dict:
-    """Two or more loaded exports in alternating rounds on the same requests (see the module doc)."""
+    """Two loaded exports (`loaded`: name -> export) in alternating rounds on the same requests (see the
+    module doc); the ratios are the second's over the first's."""
     rounds = 5
     names = list(loaded)
     one, one_ex = _dense(records[:1]), tf.constant(records[:1])

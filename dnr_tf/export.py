@@ -21,8 +21,9 @@ the reranker is exported: the noise generator is training-only.
 
 `--jit_compile` compiles the ranking (the reranker, the de-duplication and the top K; not the input
 checks, the parsing or the item-id lookup) with XLA: the same scores within float rounding and the
-same top K, at lower latency on CPU (docs/performance.md). XLA compiles once per batch size (about a
-second each), which the warmup file does for the batch size it holds; TF Serving runs such a model
+same top K, at lower latency on CPU (docs/performance.md). XLA compiles once per batch size (about
+0.6 s each on the 2-core VM of docs/performance.md), which the warmup file does for the batch size it
+holds; TF Serving runs such a model
 only when started with `--xla_cpu_compilation_enabled=true`. The default export is not compiled.
 """
 
