@@ -37,6 +37,82 @@ def ids_as_rows():
         _ROWS_GIVEN.reset(token)
 
 
+_FUSED = contextvars.ContextVar("dnr_fused_inference", default=False)
+
+
+@contextlib.contextmanager
+def fused_inference():
+    """Calls traced within take the fused forms of `attend` and `CandidateEncoder` (see there).
+
+    For the serving function compiled by XLA: the same weights and operations in fewer, larger
+    products. Training, evaluation and the default export never enter it, so their graphs are the
+    layers' own.
+    """
+    token = _FUSED.set(True)
+    try:
+        yield
+    finally:
+        _FUSED.reset(token)
+
+
+# Keras' equations for one attention axis (the default): scores, combination, projections, output.
+_SCORES_EQUATION, _COMBINE_EQUATION = "aecd,abcd->acbe", "acbe,aecd->abcd"
+_PROJECTION_EQUATION, _OUTPUT_EQUATION = "abc,cde->abde", "abcd,cde->abe"
+
+
+def _fusable(layer, query, value) -> bool:
+    """True where `attend`'s fused path computes what `layer(query, value, ...)` does at inference."""
+    from keras.src import backend
+
+    projections = (layer._query_dense, layer._key_dense, layer._value_dense)
+    return (
+        len(query.shape) == 3
+        and len(value.shape) == 3
+        and layer._dot_product_equation == _SCORES_EQUATION
+        and layer._combine_equation == _COMBINE_EQUATION
+        and all(d.equation == _PROJECTION_EQUATION for d in projections)
+        and layer._output_dense.equation == _OUTPUT_EQUATION
+        and not layer._use_gate
+        and getattr(layer, "_sliding_window", None) is None
+        and backend.get_keras_mask(query) is None
+        and backend.get_keras_mask(value) is None
+        and all(not d.lora_enabled and d.quantization_mode is None for d in (*projections, layer._output_dense))
+    )
+
+
+def attend(layer, query, value, attention_mask=None, training=False):
+    """`layer(query, value, attention_mask=attention_mask, training=training)` for a `MultiHeadAttention`.
+
+    Within `fused_inference()`, at inference, the same attention one head at a time, in plain
+    products: each head's query, key and value are `[batch, T, key_dim]` products of the inputs
+    with that head's slice of the kernels, its scores a batched matmul by the keys' transpose, and
+    the heads' outputs side by side are the output projection's input as it is. The layer's own
+    einsums make XLA (on CPU) transpose every projection to `[batch, heads, T, key_dim]` and
+    lower the scores to a strided dot that ran at a sixth of the speed of its twin, the product
+    with the values (2.7 ms of a 13 ms call at batch 256). Same weights and operations, summed in
+    another order: the outputs agree to about 1e-7. Anywhere else (training, or a layer with a
+    gate, a sliding window, Keras masks or other attention axes) this is the layer's own call.
+    """
+    if not _FUSED.get() or training or not _fusable(layer, query, value):
+        return layer(query, value, attention_mask=attention_mask, training=training)
+    import tensorflow as tf
+
+    mask = layer._compute_attention_mask(query, value, attention_mask=attention_mask)
+
+    def project(dense, x, head):
+        y = ops.matmul(x, dense.kernel[:, head, :])
+        return y if dense.bias is None else y + dense.bias[head]
+
+    heads = []
+    for head in range(layer._num_heads):
+        q = project(layer._query_dense, query, head) * ops.cast(layer._inverse_sqrt_key_dim, query.dtype)
+        scores = tf.matmul(q, project(layer._key_dense, value, head), transpose_b=True)  # [batch, T, S]
+        weights = layer._masked_softmax(scores[:, None], mask)[:, 0]  # the layer's softmax wants a heads axis
+        heads.append(ops.matmul(weights, project(layer._value_dense, value, head)))
+    combined = ops.concatenate(heads, axis=-1)  # [batch, T, heads * value_dim]: head-major, as the kernel is
+    return layer._output_dense(ops.reshape(combined, (*ops.shape(combined)[:2], layer._num_heads, -1)))
+
+
 def candidate_mask(features):
     """`[batch, list_size]` bool: True for real candidates."""
     return ops.not_equal(features[S.ITEM_IDS], S.PADDING_ID)
@@ -151,5 +227,27 @@ class CandidateEncoder(keras.layers.Layer):
         scores = features[S.RETRIEVER_SCORES]
         history = features[S.HISTORY]
         user_state = self.user(self.items(history), ops.not_equal(history, S.PADDING_ID))
-        h = self.projection(self.feed.item_input(self.items(features[S.ITEM_IDS]), user_state, scores))
+        item_emb = self.items(features[S.ITEM_IDS])
+        if _FUSED.get() and not self.projection.lora_enabled and self.projection.quantization_mode is None:
+            h = self._projected(item_emb, user_state, scores)
+        else:
+            h = self.projection(self.feed.item_input(item_emb, user_state, scores))
         return self.feed.after_projection(h, scores), candidate_mask(features)
+
+    def _projected(self, item_emb, user_state, scores):
+        """`projection(feed.item_input(...))` without the concatenation (within `fused_inference()`).
+
+        The user state is the same for every candidate of a list, so its share of the product is
+        computed once a list rather than once a candidate: half the projection's FLOPs at the
+        default sizes, the same weights summed in another order.
+        """
+        kernel, e, u = self.projection.kernel, item_emb.shape[-1], user_state.shape[-1]
+        x = ops.expand_dims(ops.cast(scores, item_emb.dtype), -1)
+        if self.feed.mode == "weight":
+            item_emb = item_emb * x
+        h = ops.matmul(item_emb, kernel[:e]) + ops.expand_dims(ops.matmul(user_state, kernel[e : e + u]), 1)
+        if self.feed.mode == "concat":
+            h = h + x * kernel[e + u]
+        if self.projection.bias is not None:
+            h = h + self.projection.bias
+        return self.projection.activation(h)

@@ -14,7 +14,7 @@ import keras
 from keras import ops
 
 from dnr_tf import schema as S
-from dnr_tf.backbones.base import PADDING_LOGIT, CandidateEncoder
+from dnr_tf.backbones.base import PADDING_LOGIT, CandidateEncoder, attend
 from dnr_tf.backbones.heads import history_mask
 from dnr_tf.backbones.prm import TransformerBlock
 
@@ -52,7 +52,7 @@ class MIR(keras.layers.Layer):
         hist = hist + ops.expand_dims(self.history_position(positions), 0)
         cand = self.intra_set(h, mask, training=training)
         hist = self.intra_list(hist, hmask, training=training)
-        read = self.cross(cand, hist, attention_mask=ops.expand_dims(hmask, 1), training=training)
+        read = attend(self.cross, cand, hist, ops.expand_dims(hmask, 1), training)
         # A request without history reads nothing (attention over no key would be uniform over padding).
         has_history = ops.cast(ops.any(hmask, axis=1), read.dtype)[:, None, None]
         read = read * has_history

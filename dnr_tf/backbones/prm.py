@@ -11,7 +11,7 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from dnr_tf.backbones.base import PADDING_LOGIT, CandidateEncoder
+from dnr_tf.backbones.base import PADDING_LOGIT, CandidateEncoder, attend
 
 
 class TransformerBlock(keras.layers.Layer):
@@ -28,9 +28,7 @@ class TransformerBlock(keras.layers.Layer):
 
     def call(self, h, mask, training=False):
         attention_mask = ops.expand_dims(mask, 1)  # [batch, 1 (queries), list (keys)]
-        h = self.norm1(
-            h + self.dropout(self.attention(h, h, attention_mask=attention_mask, training=training), training=training)
-        )
+        h = self.norm1(h + self.dropout(attend(self.attention, h, h, attention_mask, training), training=training))
         return self.norm2(h + self.dropout(self.ffn_out(self.ffn_in(h)), training=training))
 
 

@@ -20,7 +20,7 @@ import keras
 from keras import ops
 
 from dnr_tf import schema as S
-from dnr_tf.backbones.base import PADDING_LOGIT, CandidateEncoder
+from dnr_tf.backbones.base import PADDING_LOGIT, CandidateEncoder, attend
 from dnr_tf.backbones.heads import PointwiseHead, history_mask
 
 MAX_HISTORY = 512
@@ -78,7 +78,7 @@ class SASRec(_HistoryScorer):
         # A query with no real key (a left-padded slot) attends to itself, so no softmax is empty.
         attention_mask = ops.logical_or(attention_mask, ops.expand_dims(ops.eye(length, dtype="bool"), 0))
         for attention, (ffn_in, ffn_out), (norm1, norm2) in zip(self.attention, self.ffn, self.norms):
-            x = norm1(x + attention(x, x, attention_mask=attention_mask, training=training))
+            x = norm1(x + attend(attention, x, x, attention_mask, training))
             x = norm2(x + ffn_out(ffn_in(x)))
         return x[:, -1, :]  # the most recent item (left padding puts it last)
 

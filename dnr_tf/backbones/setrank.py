@@ -13,7 +13,7 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from dnr_tf.backbones.base import PADDING_LOGIT, CandidateEncoder
+from dnr_tf.backbones.base import PADDING_LOGIT, CandidateEncoder, attend
 
 
 class MAB(keras.layers.Layer):
@@ -28,7 +28,7 @@ class MAB(keras.layers.Layer):
         self.norm2 = keras.layers.LayerNormalization()
 
     def call(self, x, y, attention_mask=None, training=False):
-        h = self.norm1(x + self.attention(x, y, attention_mask=attention_mask, training=training))
+        h = self.norm1(x + attend(self.attention, x, y, attention_mask, training))
         return self.norm2(h + self.ffn_out(self.ffn_in(h)))
 
 

@@ -1,0 +1,81 @@
+"""The fused forms of the XLA export (`fused_inference`): `attend` computes what `MultiHeadAttention`
+computes, and the candidate encoder what its concatenation and projection compute."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+
+from dnr_tf.backbones.base import attend, fused_inference
+
+
+def _inputs(seed=0, batch=3, t=7, s=5, dim=8):
+    rng = np.random.default_rng(seed)
+    query = rng.normal(size=(batch, t, dim)).astype("float32")
+    value = rng.normal(size=(batch, s, dim)).astype("float32")
+    mask = rng.random((batch, 1, s)) < 0.7
+    mask[:, :, 0] = True
+    mask[1] = False  # a row that attends to nothing: Keras' masked softmax decides, in both paths
+    return query, value, mask
+
+
+def _counting(layer):
+    """Counts the calls of the layer's query projection (the fused path never calls it)."""
+    calls = []
+    original = layer._query_dense.call
+    layer._query_dense.call = lambda *a, **kw: calls.append(1) or original(*a, **kw)
+    return calls
+
+
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_fused_self_and_cross_attention_match_the_layer(use_bias):
+    layer = keras.layers.MultiHeadAttention(2, 4, use_bias=use_bias, dropout=0.3, seed=1)
+    query, value, mask = _inputs()
+    self_mask = np.broadcast_to(mask[:, :, :1], (3, 1, 7)) | (np.arange(7) % 2 == 0)
+    expected_self = np.asarray(layer(query, query, attention_mask=self_mask, training=False))
+    expected_cross = np.asarray(layer(query, value, attention_mask=mask, training=False))
+    calls = _counting(layer)
+    with fused_inference():
+        fused_self = np.asarray(attend(layer, query, query, self_mask, training=False))
+        fused_cross = np.asarray(attend(layer, query, value, mask, training=False))
+    assert not calls  # both took the fused path
+    np.testing.assert_allclose(fused_self, expected_self, atol=1e-5)
+    np.testing.assert_allclose(fused_cross, expected_cross, atol=1e-5)
+
+
+def test_outside_the_context_and_in_training_it_is_the_layer_itself():
+    layer = keras.layers.MultiHeadAttention(2, 4, dropout=0.5, seed=3)
+    query, value, mask = _inputs(1)
+    layer(query, value, attention_mask=mask)  # builds
+    calls = _counting(layer)
+    plain = np.asarray(attend(layer, query, value, mask, training=False))
+    np.testing.assert_array_equal(plain, np.asarray(layer(query, value, attention_mask=mask, training=False)))
+    with fused_inference():
+        attend(layer, query, query, mask[:, :, :1] | True, training=True)  # dropout: the layer's own call
+    assert len(calls) == 3  # the plain call, the layer's, and the training call all projected the query
+
+
+@pytest.mark.parametrize("score_feed", ["none", "concat", "add", "weight"])
+def test_fused_input_projection_matches_the_encoder(score_feed):
+    from dnr_tf import schema as S
+    from dnr_tf.backbones.base import CandidateEncoder
+    from dnr_tf.config import ModelConfig
+
+    cfg = ModelConfig(backbone="prm", embedding_dim=6, hidden_dim=8, score_feed=score_feed)
+    encoder = CandidateEncoder(cfg, list(range(1, 21)), activation="relu")
+    rng = np.random.default_rng(2)
+    ids = rng.integers(1, 25, (4, 9))
+    ids[0, 5:] = 0
+    history = rng.integers(0, 21, (4, 5))
+    history[1] = 0
+    features = {S.ITEM_IDS: ids, S.RETRIEVER_SCORES: rng.random((4, 9)).astype("float32"), S.HISTORY: history}
+    expected, mask = encoder(features)
+    concatenations = []
+    item_input = encoder.feed.item_input
+    encoder.feed.item_input = lambda *a: concatenations.append(1) or item_input(*a)
+    with fused_inference():
+        fused, fused_mask = encoder(features)
+    assert not concatenations
+    np.testing.assert_array_equal(np.asarray(fused_mask), np.asarray(mask))
+    np.testing.assert_allclose(np.asarray(fused), np.asarray(expected), atol=1e-5)
