@@ -44,6 +44,15 @@ def test_fused_self_and_cross_attention_match_the_layer(use_bias):
     np.testing.assert_allclose(fused_cross, expected_cross, atol=1e-5)
 
 
+def test_an_unbuilt_layer_builds_through_its_own_call():
+    layer = keras.layers.MultiHeadAttention(2, 4)
+    query, value, mask = _inputs(3)
+    with fused_inference():
+        first = np.asarray(attend(layer, query, value, mask))
+    assert layer.built
+    np.testing.assert_array_equal(first, np.asarray(layer(query, value, attention_mask=mask)))
+
+
 def test_outside_the_context_and_in_training_it_is_the_layer_itself():
     layer = keras.layers.MultiHeadAttention(2, 4, dropout=0.5, seed=3)
     query, value, mask = _inputs(1)

@@ -64,6 +64,8 @@ def _fusable(layer, query, value) -> bool:
     """True where `attend`'s fused path computes what `layer(query, value, ...)` does at inference."""
     from keras.src import backend
 
+    if not layer.built:  # its projections come with the first call
+        return False
     projections = (layer._query_dense, layer._key_dense, layer._value_dense)
     return (
         len(query.shape) == 3
