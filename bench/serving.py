@@ -7,7 +7,8 @@
 Measures `predict_lists` (dense tensors) in-process: the latency of one request of 50 candidates
 (p50, p99 over `--calls` calls, after warm-up) and the throughput in lists per second at several
 batch sizes, and the same of `serving_default` (serialized tf.Examples, parsing included). One
-request is also timed with both signatures and the parsing alone called in turn, call by call
+request is also timed with both signatures, the parsing alone and a signature that computes
+nothing (`empty_signature`: the harness's own floor) called in turn, call by call
 (`single_request_interleaved_ms`: p50 to p99.9, the maximum and the calls over twice the median).
 It imports nothing of dnr_tf for the measured path: the SavedModel alone is timed.
 
@@ -146,6 +147,29 @@ def _parse_only():
     return parse
 
 
+def empty_signature(k: int = 6):
+    """A loaded SavedModel signature with `predict_lists`' inputs and outputs that computes nothing.
+
+    Timed beside the export, it is the floor of one call through a loaded signature from Python
+    (the inputs' conversion, the function call, the outputs): the share of one request's latency
+    that no change to the model can remove in this harness.
+    """
+    import tempfile
+
+    ids, scores = tf.TensorSpec([None, None], tf.int64), tf.TensorSpec([None, None], tf.float32)
+
+    class Empty(tf.Module):
+        @tf.function(input_signature=[ids, scores, ids, tf.TensorSpec([None], tf.int64)])
+        def predict_lists(self, item_ids, retriever_scores, history, user_id):
+            top = tf.zeros([tf.shape(item_ids)[0], k], tf.int64)
+            return {"scores": retriever_scores, "top_k_item_ids": top, "top_k_indices": tf.cast(top, tf.int32)}
+
+    module = Empty()
+    with tempfile.TemporaryDirectory() as path:
+        tf.saved_model.save(module, path, signatures={"predict_lists": module.predict_lists})
+        return tf.saved_model.load(path).signatures["predict_lists"]
+
+
 def _rate(call, batch: int, seconds: float) -> float:
     for _ in range(5):
         call()
@@ -275,12 +299,13 @@ def run(
         },
     }
     # What the parsing adds, and where the p99 comes from: both signatures and the parsing alone, call by call.
-    parse = _parse_only()
+    parse, empty = _parse_only(), empty_signature()
     result["single_request_interleaved_ms"] = interleaved(
         {
             "predict_lists": lambda: dense_fn(**one),
             "serving_default": lambda: examples_fn(examples=one_ex),
             "parse_only": lambda: parse(one_ex),
+            "empty_signature": lambda: empty(**one),
         },
         calls,
     )

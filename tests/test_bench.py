@@ -90,6 +90,25 @@ def test_interleaved_latencies_count_the_spikes_of_each_caller():
     assert out["steady"]["max"] < row["max"] or out["steady"]["over_twice_p50"] < 4, out
 
 
+def test_the_empty_signature_answers_like_an_export_and_computes_nothing():
+    import numpy as np
+    import tensorflow as tf
+
+    from bench.serving import empty_signature
+
+    empty = empty_signature(k=4)
+    scores = np.random.default_rng(0).random((3, 7)).astype("float32")
+    out = empty(
+        item_ids=tf.ones([3, 7], tf.int64),
+        retriever_scores=tf.constant(scores),
+        history=tf.ones([3, 2], tf.int64),
+        user_id=tf.ones([3], tf.int64),
+    )
+    assert sorted(out) == ["scores", "top_k_indices", "top_k_item_ids"]
+    np.testing.assert_array_equal(out["scores"].numpy(), scores)
+    assert out["top_k_item_ids"].shape == (3, 4) and out["top_k_indices"].dtype == tf.int32
+
+
 def test_profile_refuses_an_unknown_case_before_any_work(tmp_path, capsys):
     import pytest
 
