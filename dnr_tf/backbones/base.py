@@ -61,7 +61,11 @@ _PROJECTION_EQUATION, _OUTPUT_EQUATION = "abc,cde->abde", "abcd,cde->abe"
 
 
 def _fusable(layer, query, value) -> bool:
-    """True where `attend`'s fused path computes what `layer(query, value, ...)` does at inference."""
+    """True where `attend`'s fused path computes what `layer(query, value, ...)` does at inference.
+
+    It reads the layer's internals as Keras 3.15 (pinned in setup.py) has them; tests/test_fused_attention.py
+    compares the two paths, so a Keras that changes them fails there, not in a served model.
+    """
     from keras.src import backend
 
     if not layer.built:  # its projections come with the first call
