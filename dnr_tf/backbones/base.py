@@ -44,9 +44,9 @@ _FUSED = contextvars.ContextVar("dnr_fused_inference", default=False)
 def fused_inference():
     """Calls traced within take the fused forms of `attend` and `CandidateEncoder` (see there).
 
-    For the serving function compiled by XLA: the same weights and operations in fewer, larger
-    products. Training, evaluation and the default export never enter it, so their graphs are the
-    layers' own.
+    For the exported serving functions (`dnr_tf.export.serving_fns`, with or without XLA): the same
+    weights and operations in plainer products. Training and the evaluation of a run never enter
+    it, so their graphs are the layers' own.
     """
     token = _FUSED.set(True)
     try:
@@ -95,7 +95,8 @@ def attend(layer, query, value, attention_mask=None, training=False):
     the heads' outputs side by side are the output projection's input as it is. The layer's own
     einsums make XLA (on CPU) transpose every projection to `[batch, heads, T, key_dim]` and
     lower the scores to a strided dot that ran at a sixth of the speed of its twin, the product
-    with the values (2.7 ms of a 13 ms call at batch 256). Same weights and operations, summed in
+    with the values (2.7 ms of a 13 ms call at batch 256); TensorFlow's own kernels gain less
+    (docs/performance.md has both). Same weights and operations, summed in
     another order: the outputs agree to about 1e-7. Anywhere else (training, or a layer with a
     gate, a sliding window, Keras masks or other attention axes) this is the layer's own call.
     """
