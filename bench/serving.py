@@ -1,7 +1,7 @@
 """Serving benchmark through the loaded SavedModel (what TF Serving runs), written as JSON.
 
     python -m bench.serving --model saved_models/ml100k_dnr_b/1 --data_dir data/ml100k \
-        [--run_dir runs/ml100k_dnr_b] [--compare_model saved_models/ml100k_dnr_b_xla/1] \
+        [--run_dir runs/ml100k_dnr_b] [--compare_model saved_models/ml100k_dnr_b_xla/1 [--repeats 3]] \
         --output bench/results/serving.json [--quick]
 
 Measures `predict_lists` (dense tensors) in-process: the latency of one request of 50 candidates
@@ -20,7 +20,9 @@ function is also timed in memory (the trained model rebuilt by dnr_tf, not expor
 alternating with the export, to check that the export is not slower. With `--compare_model`
 (another export of the same reranker, e.g. `dnr_tf.export --jit_compile`), both exports are timed
 in alternating rounds on the same requests (`exports_side_by_side`: one-request percentiles over
-the pooled rounds, throughput as the median of the rounds, and the ratio of the second to the first).
+the pooled rounds, throughput as the median of the rounds, and the ratio of the second to the first);
+`--repeats N` runs that comparison N times and gives each ratio's min, median and max
+(`exports_side_by_side_repeats`), since this VM's speed moves from one run to the next.
 """
 
 from __future__ import annotations
@@ -261,6 +263,26 @@ def side_by_side(loaded: dict, records: list[bytes], batches: list[int], calls: 
     }
 
 
+def summarize_repeats(speedups: list[dict]) -> dict:
+    """min, median and max of each ratio over repeated side-by-side runs (their `speedup_...` dicts)."""
+
+    def spread(values):
+        return {"min": float(min(values)), "median": float(np.median(values)), "max": float(max(values))}
+
+    first = speedups[0]
+    return {
+        "runs": len(speedups),
+        "throughput": {
+            batch: {sig: spread([s["throughput"][batch][sig] for s in speedups]) for sig in row}
+            for batch, row in first["throughput"].items()
+        },
+        **{
+            key: {sig: spread([s[key][sig] for s in speedups]) for sig in first[key]}
+            for key in ("single_request_p50", "single_request_p99")
+        },
+    }
+
+
 def run(
     model: str,
     data_dir: str,
@@ -270,8 +292,10 @@ def run(
     run_dir: str | None = None,
     peak_size: tuple[int, float] = (2048, 2.0),
     compare_model: str | None = None,
+    repeats: int = 1,
 ) -> dict:
-    """`peak_size`: (n, seconds) of the peak matmuls (`bench.peak.measure`)."""
+    """`peak_size`: (n, seconds) of the peak matmuls (`bench.peak.measure`); `repeats`: side-by-side runs
+    of `compare_model` (the first is `exports_side_by_side`; all of them are summarised)."""
     loaded = tf.saved_model.load(model)
     dense_fn = loaded.signatures["predict_lists"]
     examples_fn = loaded.signatures["serving_default"]
@@ -338,6 +362,16 @@ def run(
             **side_by_side(pair, records, batches, calls, seconds),
         }
         result["peak_after"] = peak_lib.measure(*peak_size)
+        if repeats > 1:
+            key = "speedup_compare_model_over_model"
+            runs = [{"peak_after": result["peak_after"], key: result["exports_side_by_side"][key]}]
+            for _ in range(repeats - 1):
+                again = side_by_side(pair, records, batches, calls, seconds)
+                runs.append({"peak_after": peak_lib.measure(*peak_size), key: again[key]})
+            result["exports_side_by_side_repeats"] = {
+                "runs": runs,
+                "summary": summarize_repeats([r[key] for r in runs]),
+            }
     return result
 
 
@@ -349,12 +383,25 @@ def main(argv=None) -> int:
     parser.add_argument("--data_dir", required=True, help="pipeline output whose test records are the requests")
     parser.add_argument("--run_dir", help="the run the export came from: also time the model in memory")
     parser.add_argument("--compare_model", help="another export (e.g. --jit_compile) timed side by side with --model")
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="side-by-side runs with --compare_model (the VM varies run to run)"
+    )
     parser.add_argument("--output", default="bench/results/serving.json")
     parser.add_argument("--quick", action="store_true", help="a run under a minute")
     args = parser.parse_args(argv)
+    if args.repeats < 1 or (args.repeats > 1 and not args.compare_model):
+        parser.error("--repeats: at least 1, and more than 1 only with --compare_model")
     calls, seconds, peak_size = (300, 1.0, (1024, 0.6)) if args.quick else (2000, 5.0, (2048, 2.0))
     result = run(
-        args.model, args.data_dir, calls, [1, 16, 64, 256], seconds, args.run_dir, peak_size, args.compare_model
+        args.model,
+        args.data_dir,
+        calls,
+        [1, 16, 64, 256],
+        seconds,
+        args.run_dir,
+        peak_size,
+        args.compare_model,
+        args.repeats,
     )
     write_json(args.output, result)
     s = result["single_request"]
@@ -402,6 +449,14 @@ def main(argv=None) -> int:
                 f"{sig} {row[sig]['model']:8.0f} -> {row[sig]['compare_model']:8.0f} "
                 f"({row[sig]['compare_model'] / row[sig]['model']:.2f}x)"
                 for sig in ("predict_lists", "serving_default")
+            )
+            print(f"  batch {batch:>4s}: {cells}")
+    if "exports_side_by_side_repeats" in result:
+        summary = result["exports_side_by_side_repeats"]["summary"]
+        print(f"--compare_model over --model in {summary['runs']} side-by-side runs (min / median / max):")
+        for batch, row in summary["throughput"].items():
+            cells = "   ".join(
+                f"{sig} {row[sig]['min']:.2f} / {row[sig]['median']:.2f} / {row[sig]['max']:.2f}x" for sig in row
             )
             print(f"  batch {batch:>4s}: {cells}")
     print(f"written to {args.output}")

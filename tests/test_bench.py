@@ -109,6 +109,38 @@ def test_the_empty_signature_answers_like_an_export_and_computes_nothing():
     assert out["top_k_item_ids"].shape == (3, 4) and out["top_k_indices"].dtype == tf.int32
 
 
+def test_repeated_side_by_side_runs_are_summarised_per_ratio():
+    from bench.serving import summarize_repeats
+
+    def speedup(scale):
+        return {
+            "throughput": {
+                "1": {"predict_lists": 2.0 * scale, "serving_default": 1.0},
+                "256": {"predict_lists": scale},
+            },
+            "single_request_p50": {"predict_lists": scale},
+            "single_request_p99": {"predict_lists": 3.0 * scale},
+        }
+
+    out = summarize_repeats([speedup(1.0), speedup(1.5), speedup(1.1)])
+    assert out["runs"] == 3
+    assert out["throughput"]["1"]["predict_lists"] == {"min": 2.0, "median": 2.2, "max": 3.0}
+    assert out["throughput"]["1"]["serving_default"] == {"min": 1.0, "median": 1.0, "max": 1.0}
+    assert out["throughput"]["256"]["predict_lists"]["median"] == 1.1
+    assert out["single_request_p99"]["predict_lists"]["max"] == 4.5
+
+
+def test_serving_refuses_repeats_without_a_second_export(tmp_path, capsys):
+    import pytest
+
+    from bench import serving
+
+    for bad in (["--repeats", "3"], ["--repeats", "0", "--compare_model", str(tmp_path)]):
+        with pytest.raises(SystemExit):
+            serving.main(["--model", str(tmp_path), "--data_dir", str(tmp_path), *bad])
+        assert "--repeats" in capsys.readouterr().err
+
+
 def test_profile_refuses_an_unknown_case_before_any_work(tmp_path, capsys):
     import pytest
 
