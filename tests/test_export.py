@@ -480,6 +480,9 @@ def test_jit_compile_export_matches_the_default_in_a_fresh_process(exported, tmp
         if f.attr["_XlaMustCompile"].b and any(n.op == "TopKV2" for n in f.node_def)
     ]
     assert compiled, "no XLA-compiled function holds the top K"
+    from dnr_tf.backbones.base import _PROJECTION_EQUATION
+
+    assert _PROJECTION_EQUATION not in _einsum_equations(graph.meta_graphs[0].graph_def), "not the fused attention"
 
     dense = _dense_batch(exported["data_dir"], 8)
     a, b = (int(v) for v in dense[S.ITEM_IDS][0, :2])
@@ -554,3 +557,28 @@ def test_jit_compile_export_matches_the_default_in_a_fresh_process(exported, tmp
     for sig in ("predict_lists", "serving_default"):
         assert side["single_request_ms"][sig]["compare_model"]["p50"] > 0
         assert np.isfinite(side["speedup_compare_model_over_model"]["throughput"]["4"][sig])
+
+
+def _einsum_equations(graph_def) -> set[str]:
+    nodes = list(graph_def.node) + [n for f in graph_def.library.function for n in f.node_def]
+    return {n.attr["equation"].s.decode() for n in nodes if n.op == "Einsum"}
+
+
+def test_the_export_traces_the_fused_attention(exported):
+    """Both exports trace the reranker within `fused_inference()`: none of Keras' einsums projecting the
+    query, key and value (`[batch, T, heads, key_dim]`, which then needs transposes) is left in the
+    SavedModel, while the layer's own call, traced the same way outside the context, has them."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    from dnr_tf.backbones.base import _PROJECTION_EQUATION
+
+    spec = {
+        S.ITEM_IDS: tf.TensorSpec([None, None], tf.int64),
+        S.RETRIEVER_SCORES: tf.TensorSpec([None, None], tf.float32),
+        S.HISTORY: tf.TensorSpec([None, None], tf.int64),
+    }
+    reranker = exported["model"].reranker
+    plain = tf.function(lambda f: reranker(f, training=False), input_signature=[spec]).get_concrete_function()
+    assert _PROJECTION_EQUATION in _einsum_equations(plain.graph.as_graph_def())
+    saved = saved_model_pb2.SavedModel.FromString(open(os.path.join(exported["path"], "saved_model.pb"), "rb").read())
+    assert _PROJECTION_EQUATION not in _einsum_equations(saved.meta_graphs[0].graph_def)
