@@ -25,6 +25,9 @@ session to the next, so compare figures within one JSON file.
 
 `--baseline` runs each data set with the previous code's pipeline just before the current one, and
 adds its time, the speed-up and whether the two wrote the same records (`records_fingerprint`).
+`--repeats N` makes each run N times (with `--baseline`, each time just after the baseline's) and adds
+`summary`: per data set and worker count, the min, median and max of the wall and stage times and of
+the speed-up, since this VM's speed moves by 10-25% from one run to the next.
 
     python -m bench.pipeline --doubling --output bench/results/pipeline_doubling.json
 
@@ -39,6 +42,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -179,6 +183,27 @@ def run_pipeline(args: list[str], log_path: str, tree: str = ROOT) -> dict:
     }
 
 
+def summarize_runs(runs: list[dict]) -> dict:
+    """Per (data set, workers): min, median and max of the wall time, the stages' times, and, with a
+    baseline, of its wall time and the speed-up, over the repeated runs."""
+    groups: dict[str, list[dict]] = {}
+    for row in runs:
+        groups.setdefault(f"{row['dataset']}-w{row['workers']}", []).append(row)
+    out = {}
+    for key, rows in groups.items():
+        values = {"wall_s": [r["wall_s"] for r in rows]}
+        for stage in rows[0].get("stage_timings_s", {}):
+            values[stage] = [r["stage_timings_s"][stage] for r in rows]
+        if "baseline" in rows[0]:
+            values["baseline_wall_s"] = [r["baseline"]["wall_s"] for r in rows]
+            values["speedup"] = [r["speedup"] for r in rows]
+        out[key] = {
+            name: {"min": float(min(v)), "median": float(statistics.median(v)), "max": float(max(v))}
+            for name, v in values.items()
+        }
+    return out
+
+
 def doubling(work: str, interactions: int, workers: int) -> dict:
     """Peaks at N and 2N interactions (twice the users, the same items): which memory grows with the input."""
     items = 1_500
@@ -229,7 +254,12 @@ def main(argv=None) -> int:
         help="a checkout of the previous code (git worktree add DIR REV): each run is also made with its "
         "pipeline, just before, and the row gets its time, the speed-up and whether the records are the same",
     )
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="runs of each (data set, workers), in turn with --baseline's"
+    )
     args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error("--repeats: at least 1")
     args.output = args.output or f"bench/results/pipeline{'_doubling' if args.doubling else ''}.json"
     if args.doubling:
         work = args.work_dir or tempfile.mkdtemp(prefix="bench_doubling_")
@@ -276,47 +306,55 @@ def main(argv=None) -> int:
         "quick": args.quick,
         "runs": [],
     }
-    for name, (base_args, n_interactions) in inputs.items():
-        for w in workers:
-            out = os.path.join(work, f"out-{name}-w{w}")
-            extra = ["--direct_num_workers", str(w)]
-            if w > 1:
-                extra += ["--direct_running_mode", "multi_processing"]
-            if args.quick:
-                extra += ["--set", "retriever.epochs=3"]
-            print(f"{name}, {w} worker(s) ...", flush=True)
-            if args.baseline:
-                base_out = out + "-baseline"
-                log = os.path.join(work, f"{name}-w{w}-baseline.log")
-                base = run_pipeline([*base_args, "--output_dir", base_out, *extra], log, tree=args.baseline)
-            row = run_pipeline([*base_args, "--output_dir", out, *extra], os.path.join(work, f"{name}-w{w}.log"))
-            with open(os.path.join(out, "stats.json")) as f:
-                stats = json.load(f)
-            row["stage_timings_s"] = stats.get("timings", {})
-            if args.baseline:
-                from dnr_tf.provenance import records_fingerprint
+    for name, (base_args, n_interactions), w, rep in (
+        (name, spec, w, rep) for name, spec in inputs.items() for w in workers for rep in range(args.repeats)
+    ):
+        tag = f"{name}-w{w}" + (f"-r{rep}" if rep else "")  # a run's output and logs, one set per repeat
+        out = os.path.join(work, f"out-{tag}")
+        extra = ["--direct_num_workers", str(w)]
+        if w > 1:
+            extra += ["--direct_running_mode", "multi_processing"]
+        if args.quick:
+            extra += ["--set", "retriever.epochs=3"]
+        print(f"{name}, {w} worker(s)" + (f", repeat {rep + 1}" if args.repeats > 1 else "") + " ...", flush=True)
+        if args.baseline:
+            base_out = out + "-baseline"
+            log = os.path.join(work, f"{tag}-baseline.log")
+            base = run_pipeline([*base_args, "--output_dir", base_out, *extra], log, tree=args.baseline)
+        row = run_pipeline([*base_args, "--output_dir", out, *extra], os.path.join(work, f"{tag}.log"))
+        with open(os.path.join(out, "stats.json")) as f:
+            stats = json.load(f)
+        row["stage_timings_s"] = stats.get("timings", {})
+        if args.baseline:
+            from dnr_tf.provenance import records_fingerprint
 
-                with open(os.path.join(base_out, "stats.json")) as f:
-                    base["stage_timings_s"] = json.load(f).get("timings", {})
-                row["baseline"] = base
-                row["speedup"] = base["wall_s"] / row["wall_s"]
-                row["same_records"] = records_fingerprint(out) == records_fingerprint(base_out)
-                print(f"  baseline {base['wall_s']:.1f} s {base['stage_timings_s']}", flush=True)
-            row.update(
-                dataset=name,
-                workers=w,
-                interactions=n_interactions,
-                interactions_per_s=n_interactions / row["wall_s"],
-                lists=sum(int(s.get("lists", 0)) for s in stats.get("splits", {}).values()),
-            )
-            result["runs"].append(row)
-            print(
-                f"  {row['wall_s']:.1f} s, {row['interactions_per_s']:,.0f} interactions/s, "
-                f"peak {row['peak_tree_rss_mb']:,.0f} MB (all processes), {row['lists']:,} lists "
-                f"{row['stage_timings_s']}" + (f", {row['speedup']:.2f}x the baseline" if args.baseline else ""),
-                flush=True,
-            )
+            with open(os.path.join(base_out, "stats.json")) as f:
+                base["stage_timings_s"] = json.load(f).get("timings", {})
+            row["baseline"] = base
+            row["speedup"] = base["wall_s"] / row["wall_s"]
+            row["same_records"] = records_fingerprint(out) == records_fingerprint(base_out)
+            print(f"  baseline {base['wall_s']:.1f} s {base['stage_timings_s']}", flush=True)
+        row.update(
+            dataset=name,
+            workers=w,
+            repeat=rep,
+            interactions=n_interactions,
+            interactions_per_s=n_interactions / row["wall_s"],
+            lists=sum(int(s.get("lists", 0)) for s in stats.get("splits", {}).values()),
+        )
+        result["runs"].append(row)
+        print(
+            f"  {row['wall_s']:.1f} s, {row['interactions_per_s']:,.0f} interactions/s, "
+            f"peak {row['peak_tree_rss_mb']:,.0f} MB (all processes), {row['lists']:,} lists "
+            f"{row['stage_timings_s']}" + (f", {row['speedup']:.2f}x the baseline" if args.baseline else ""),
+            flush=True,
+        )
     result["machine"]["peak_after"] = measure_peak(work, "after")
+    if args.repeats > 1:
+        result["summary"] = summarize_runs(result["runs"])
+        for key, row in result["summary"].items():
+            cells = [f"{name} {v['min']:.1f} / {v['median']:.1f} / {v['max']:.1f}" for name, v in row.items()]
+            print(f"{key} over {args.repeats} runs (min / median / max): " + ", ".join(cells))
     write_json(args.output, result)
     print(f"written to {args.output} (data and logs in {work})")
     return 0

@@ -130,6 +130,45 @@ def test_repeated_side_by_side_runs_are_summarised_per_ratio():
     assert out["single_request_p99"]["predict_lists"]["max"] == 4.5
 
 
+def test_repeated_pipeline_runs_are_summarised_per_data_set_and_workers():
+    from bench.pipeline import summarize_runs
+
+    def row(dataset, workers, wall, base):
+        timings = {"stage1_seconds": wall / 2, "total_seconds": wall}
+        return {
+            "dataset": dataset,
+            "workers": workers,
+            "wall_s": wall,
+            "stage_timings_s": timings,
+            "baseline": {"wall_s": base},
+            "speedup": base / wall,
+        }
+
+    runs = [
+        row("ml1m", 2, 60.0, 90.0),
+        row("ml1m", 2, 80.0, 100.0),
+        row("ml1m", 2, 70.0, 70.0),
+        row("ml1m", 1, 9.0, 9.0),
+    ]
+    out = summarize_runs(runs)
+    assert sorted(out) == ["ml1m-w1", "ml1m-w2"]
+    two = out["ml1m-w2"]
+    assert two["wall_s"] == {"min": 60.0, "median": 70.0, "max": 80.0}
+    assert two["stage1_seconds"]["median"] == 35.0 and two["baseline_wall_s"]["max"] == 100.0
+    assert two["speedup"] == {"min": 1.0, "median": 1.25, "max": 1.5}
+    assert out["ml1m-w1"]["wall_s"]["median"] == 9.0
+
+
+def test_pipeline_bench_refuses_fewer_than_one_repeat(capsys):
+    import pytest
+
+    from bench import pipeline
+
+    with pytest.raises(SystemExit):
+        pipeline.main(["--repeats", "0", "--datasets", "ml1m"])
+    assert "--repeats" in capsys.readouterr().err
+
+
 def test_serving_refuses_repeats_without_a_second_export(tmp_path, capsys):
     import pytest
 
