@@ -88,3 +88,31 @@ def test_fused_input_projection_matches_the_encoder(score_feed):
     assert not concatenations
     np.testing.assert_array_equal(np.asarray(fused_mask), np.asarray(mask))
     np.testing.assert_allclose(np.asarray(fused), np.asarray(expected), atol=1e-5)
+
+
+def test_a_mixed_precision_layer_and_encoder_keep_their_own_call():
+    """Under a bfloat16 compute policy the fused path (float32 products) would compute something else:
+    the layer's and the encoder's own calls run instead, to the bit."""
+    from dnr_tf import schema as S
+    from dnr_tf.backbones.base import CandidateEncoder
+    from dnr_tf.config import ModelConfig
+
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        layer = keras.layers.MultiHeadAttention(2, 4)
+        encoder = CandidateEncoder(ModelConfig(backbone="prm", embedding_dim=6, hidden_dim=8), list(range(1, 21)))
+    finally:
+        keras.config.set_dtype_policy(previous)
+    query, value, mask = _inputs(4)
+    expected = np.asarray(layer(query, value, attention_mask=mask))
+    rng = np.random.default_rng(5)
+    features = {
+        S.ITEM_IDS: rng.integers(1, 21, (2, 5)),
+        S.RETRIEVER_SCORES: rng.random((2, 5)).astype("float32"),
+        S.HISTORY: rng.integers(1, 21, (2, 3)),
+    }
+    encoded = np.asarray(encoder(features)[0])
+    with fused_inference():
+        np.testing.assert_array_equal(np.asarray(attend(layer, query, value, mask)), expected)
+        np.testing.assert_array_equal(np.asarray(encoder(features)[0]), encoded)

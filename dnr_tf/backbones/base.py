@@ -68,7 +68,7 @@ def _fusable(layer, query, value) -> bool:
     """
     from keras.src import backend
 
-    if not layer.built:  # its projections come with the first call
+    if not layer.built or layer.compute_dtype != "float32":  # its projections come with the first call
         return False
     projections = (layer._query_dense, layer._key_dense, layer._value_dense)
     return (
@@ -98,7 +98,8 @@ def attend(layer, query, value, attention_mask=None, training=False):
     with the values (2.7 ms of a 13 ms call at batch 256); TensorFlow's own kernels gain less
     (docs/performance.md has both). Same weights and operations, summed in
     another order: the outputs agree to about 1e-7. Anywhere else (training, or a layer with a
-    gate, a sliding window, Keras masks or other attention axes) this is the layer's own call.
+    gate, a sliding window, Keras masks, other attention axes or a compute dtype other than
+    float32) this is the layer's own call.
     """
     if not _FUSED.get() or training or not _fusable(layer, query, value):
         return layer(query, value, attention_mask=attention_mask, training=training)
@@ -235,7 +236,13 @@ class CandidateEncoder(keras.layers.Layer):
         history = features[S.HISTORY]
         user_state = self.user(self.items(history), ops.not_equal(history, S.PADDING_ID))
         item_emb = self.items(features[S.ITEM_IDS])
-        if _FUSED.get() and not self.projection.lora_enabled and self.projection.quantization_mode is None:
+        projection = self.projection
+        if (
+            _FUSED.get()
+            and projection.compute_dtype == "float32"
+            and not projection.lora_enabled
+            and projection.quantization_mode is None
+        ):
             h = self._projected(item_emb, user_state, scores)
         else:
             h = self.projection(self.feed.item_input(item_emb, user_state, scores))
