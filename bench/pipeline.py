@@ -39,6 +39,7 @@ epochs, and reports how each peak grew (about two minutes): what issue 9's memor
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -306,9 +307,7 @@ def main(argv=None) -> int:
         "quick": args.quick,
         "runs": [],
     }
-    for name, (base_args, n_interactions), w, rep in (
-        (name, spec, w, rep) for name, spec in inputs.items() for w in workers for rep in range(args.repeats)
-    ):
+    for (name, (base_args, n_interactions)), w, rep in itertools.product(inputs.items(), workers, range(args.repeats)):
         tag = f"{name}-w{w}" + (f"-r{rep}" if rep else "")  # a run's output and logs, one set per repeat
         out = os.path.join(work, f"out-{tag}")
         extra = ["--direct_num_workers", str(w)]

@@ -54,10 +54,14 @@ def _item_lookup(reranker):
     return layers[0].lookup
 
 
+def graph_nodes(graph_def) -> list:
+    """Every node of a graph and of the functions in its library."""
+    return list(graph_def.node) + [n for f in graph_def.library.function for n in f.node_def]
+
+
 def _random_ops(graph_def) -> list[str]:
     """The random-number op types in a traced graph and the functions it calls."""
-    nodes = list(graph_def.node) + [n for f in graph_def.library.function for n in f.node_def]
-    return sorted({n.op for n in nodes if "Random" in n.op})
+    return sorted({n.op for n in graph_nodes(graph_def) if "Random" in n.op})
 
 
 def serving_fns(reranker, list_size: int, k: int, jit_compile: bool = False, history_len: int = 0):

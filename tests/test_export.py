@@ -560,8 +560,9 @@ def test_jit_compile_export_matches_the_default_in_a_fresh_process(exported, tmp
 
 
 def _einsum_equations(graph_def) -> set[str]:
-    nodes = list(graph_def.node) + [n for f in graph_def.library.function for n in f.node_def]
-    return {n.attr["equation"].s.decode() for n in nodes if n.op == "Einsum"}
+    from dnr_tf.export import graph_nodes
+
+    return {n.attr["equation"].s.decode() for n in graph_nodes(graph_def) if n.op == "Einsum"}
 
 
 def test_the_export_traces_the_fused_attention(exported):

@@ -60,6 +60,11 @@ _SCORES_EQUATION, _COMBINE_EQUATION = "aecd,abcd->acbe", "acbe,aecd->abcd"
 _PROJECTION_EQUATION, _OUTPUT_EQUATION = "abc,cde->abde", "abcd,cde->abe"
 
 
+def _plain_dense(layer) -> bool:
+    """A dense layer whose call is its kernel product and bias in float32 (no LoRA, no quantization)."""
+    return layer.compute_dtype == "float32" and not layer.lora_enabled and layer.quantization_mode is None
+
+
 def _fusable(layer, query, value) -> bool:
     """True where `attend`'s fused path computes what `layer(query, value, ...)` does at inference.
 
@@ -82,7 +87,7 @@ def _fusable(layer, query, value) -> bool:
         and getattr(layer, "_sliding_window", None) is None
         and backend.get_keras_mask(query) is None
         and backend.get_keras_mask(value) is None
-        and all(not d.lora_enabled and d.quantization_mode is None for d in (*projections, layer._output_dense))
+        and all(_plain_dense(d) for d in (*projections, layer._output_dense))
     )
 
 
@@ -236,13 +241,7 @@ class CandidateEncoder(keras.layers.Layer):
         history = features[S.HISTORY]
         user_state = self.user(self.items(history), ops.not_equal(history, S.PADDING_ID))
         item_emb = self.items(features[S.ITEM_IDS])
-        projection = self.projection
-        if (
-            _FUSED.get()
-            and projection.compute_dtype == "float32"
-            and not projection.lora_enabled
-            and projection.quantization_mode is None
-        ):
+        if _FUSED.get() and _plain_dense(self.projection):
             h = self._projected(item_emb, user_state, scores)
         else:
             h = self.projection(self.feed.item_input(item_emb, user_state, scores))
