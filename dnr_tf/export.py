@@ -68,7 +68,9 @@ def serving_fns(reranker, list_size: int, k: int, jit_compile: bool = False, his
     """(predict_lists, serve_examples) tf.functions around a built reranker.
 
     Both trace the reranker within `fused_inference()` (`dnr_tf.backbones.base`): its attention one
-    head at a time in plain products, its input projection without the concatenation. The same
+    head at a time in plain products, its input projection without the concatenation, and the
+    candidates' share of that projection gathered from a table of every item's, made here once
+    (`item_projection_tables`; the functions capture it, so the SavedModel saves it). The same
     weights and operations in another order, so the scores agree with the in-memory model's to
     float rounding (about 5e-7 on ML-100K) and faster (docs/performance.md).
 
@@ -80,7 +82,9 @@ def serving_fns(reranker, list_size: int, k: int, jit_compile: bool = False, his
     """
     import tensorflow as tf
 
-    from dnr_tf.backbones.base import fused_inference, ids_as_rows
+    from dnr_tf.backbones.base import fused_inference, ids_as_rows, item_projection_tables
+
+    tables = item_projection_tables(reranker)  # the functions capture them: the SavedModel saves them
 
     def rank(item_ids, model_ids, retriever_scores, history):
         """Scores and top K; the reranker reads `model_ids` and `history` (raw ids, or rows)."""
@@ -111,7 +115,7 @@ def serving_fns(reranker, list_size: int, k: int, jit_compile: bool = False, his
 
         @tf.function(jit_compile=True)
         def rank_rows(item_ids, rows, retriever_scores, history_rows):
-            with ids_as_rows(), fused_inference():
+            with ids_as_rows(), fused_inference(tables):
                 return rank(item_ids, rows, retriever_scores, history_rows)
 
         ids = tf.TensorSpec([None, list_size], tf.int64)
@@ -161,7 +165,7 @@ def serving_fns(reranker, list_size: int, k: int, jit_compile: bool = False, his
                 message="history must have one row per item_ids row [batch, history_len]",
             ),
         ]
-        with tf.control_dependencies(checks), fused_inference():
+        with tf.control_dependencies(checks), fused_inference(tables):
             if jit_compile:
                 scores, ids, indices = ranked(item_ids, retriever_scores, history)
             else:

@@ -583,3 +583,13 @@ def test_the_export_traces_the_fused_attention(exported):
     assert _PROJECTION_EQUATION in _einsum_equations(plain.graph.as_graph_def())
     saved = saved_model_pb2.SavedModel.FromString(open(os.path.join(exported["path"], "saved_model.pb"), "rb").read())
     assert _PROJECTION_EQUATION not in _einsum_equations(saved.meta_graphs[0].graph_def)
+    # The candidates' share of the input projection is a saved table of every vocabulary row, gathered.
+    saved_variables = {
+        n.variable.name: [d.size for d in n.variable.shape.dim]
+        for n in saved.meta_graphs[0].object_graph_def.nodes
+        if n.WhichOneof("kind") == "variable"
+    }
+    embedding = reranker.encoder.items.embedding.embeddings
+    hidden = reranker.encoder.projection.kernel.shape[-1]
+    tables = [shape for name, shape in saved_variables.items() if name.endswith("_item_projection")]
+    assert tables == [[embedding.shape[0], hidden]], saved_variables

@@ -7,7 +7,7 @@ import keras
 import numpy as np
 import pytest
 
-from dnr_tf.backbones.base import attend, fused_inference
+from dnr_tf.backbones.base import attend, fused_inference, item_projection_tables
 
 
 def _inputs(seed=0, batch=3, t=7, s=5, dim=8):
@@ -89,6 +89,18 @@ def test_fused_input_projection_matches_the_encoder(score_feed):
     np.testing.assert_array_equal(np.asarray(fused_mask), np.asarray(mask))
     np.testing.assert_allclose(np.asarray(fused), np.asarray(expected), atol=1e-5)
 
+    # With the export's table, the candidates' share is gathered: the embedding serves the history alone.
+    tables = item_projection_tables(encoder)
+    assert [tuple(t.shape) for t in tables.values()] == [(22, 8)]  # 20 items, padding and unknown ids
+    lookups = []
+    embed = encoder.items.embedding.call
+    encoder.items.embedding.call = lambda rows: lookups.append(1) or embed(rows)
+    with fused_inference(tables):
+        gathered, gathered_mask = encoder(features)
+    assert len(lookups) == 1 and not concatenations
+    np.testing.assert_array_equal(np.asarray(gathered_mask), np.asarray(mask))
+    np.testing.assert_allclose(np.asarray(gathered), np.asarray(expected), atol=1e-5)
+
 
 def test_a_mixed_precision_layer_and_encoder_keep_their_own_call():
     """Under a bfloat16 compute policy the fused path (float32 products) would compute something else:
@@ -113,6 +125,7 @@ def test_a_mixed_precision_layer_and_encoder_keep_their_own_call():
         S.HISTORY: rng.integers(1, 21, (2, 3)),
     }
     encoded = np.asarray(encoder(features)[0])
+    assert item_projection_tables(encoder) == {}  # its embedding and projection compute in bfloat16
     with fused_inference():
         np.testing.assert_array_equal(np.asarray(attend(layer, query, value, mask)), expected)
         np.testing.assert_array_equal(np.asarray(encoder(features)[0]), encoded)

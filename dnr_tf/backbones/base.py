@@ -38,21 +38,46 @@ def ids_as_rows():
 
 
 _FUSED = contextvars.ContextVar("dnr_fused_inference", default=False)
+_ITEM_TABLES = contextvars.ContextVar("dnr_item_tables", default=None)
 
 
 @contextlib.contextmanager
-def fused_inference():
+def fused_inference(item_tables: dict | None = None):
     """Calls traced within take the fused forms of `attend` and `CandidateEncoder` (see there).
 
     For the exported serving functions (`dnr_tf.export.serving_fns`, with or without XLA): the same
     weights and operations in plainer products. Training and the evaluation of a run never enter
-    it, so their graphs are the layers' own.
+    it, so their graphs are the layers' own. `item_tables` (from `item_projection_tables`): each
+    encoder's items already projected, gathered instead of multiplied.
     """
-    token = _FUSED.set(True)
+    tokens = _FUSED.set(True), _ITEM_TABLES.set(item_tables or {})
     try:
         yield
     finally:
-        _FUSED.reset(token)
+        _ITEM_TABLES.reset(tokens[1])
+        _FUSED.reset(tokens[0])
+
+
+def item_projection_tables(model) -> dict:
+    """`{id(encoder): table}` for each built `CandidateEncoder` of `model` whose fused form applies.
+
+    A table holds every vocabulary row's item embedding times the encoder's input projection's item
+    rows (`[vocabulary rows, hidden_dim]` float32, a non-trainable `tf.Variable`), computed once when
+    the serving functions are made: served, a candidate's share of the projection is then a gathered
+    row, not a product (an eighth of the XLA export's FLOPs at batch 256, docs/performance.md). The
+    same products summed in another order: the projections agree to float rounding.
+    """
+    import tensorflow as tf
+
+    tables = {}
+    for layer in model._flatten_layers(include_self=True):
+        embedding = layer.items.embedding if isinstance(layer, CandidateEncoder) else None
+        if embedding is None or not (layer.projection.built and embedding.built):
+            continue
+        if _plain_dense(layer.projection) and _plain_dense(embedding):
+            rows = ops.matmul(embedding.embeddings, layer.projection.kernel[: embedding.embeddings.shape[-1]])
+            tables[id(layer)] = tf.Variable(rows, trainable=False, name=f"{layer.name}_item_projection")
+    return tables
 
 
 # Keras' equations for one attention axis (the default): scores, combination, projections, output.
@@ -61,7 +86,8 @@ _PROJECTION_EQUATION, _OUTPUT_EQUATION = "abc,cde->abde", "abcd,cde->abe"
 
 
 def _plain_dense(layer) -> bool:
-    """A dense layer whose call is its kernel product and bias in float32 (no LoRA, no quantization)."""
+    """A dense (or embedding) layer whose call is its kernel product and bias (or its table's rows) in
+    float32: no LoRA, no quantization."""
     return layer.compute_dtype == "float32" and not layer.lora_enabled and layer.quantization_mode is None
 
 
@@ -152,8 +178,12 @@ class ItemEmbedding(keras.layers.Layer):
             embeddings_initializer=keras.initializers.RandomNormal(stddev=0.05, seed=seed),
         )
 
+    def rows(self, ids):
+        """The embedding table's rows of raw ids (given as they are within `ids_as_rows()`)."""
+        return ids if _ROWS_GIVEN.get() else self.lookup(ids)
+
     def call(self, ids):
-        return self.embedding(ids if _ROWS_GIVEN.get() else self.lookup(ids))
+        return self.embedding(self.rows(ids))
 
     def get_config(self):
         return {**super().get_config(), "vocabulary": self.vocabulary, "dim": self.dim}
@@ -240,25 +270,31 @@ class CandidateEncoder(keras.layers.Layer):
         scores = features[S.RETRIEVER_SCORES]
         history = features[S.HISTORY]
         user_state = self.user(self.items(history), ops.not_equal(history, S.PADDING_ID))
-        item_emb = self.items(features[S.ITEM_IDS])
-        if _FUSED.get() and _plain_dense(self.projection):
-            h = self._projected(item_emb, user_state, scores)
+        table = (_ITEM_TABLES.get() or {}).get(id(self)) if _FUSED.get() else None
+        if table is not None:
+            projected = ops.take(table, self.items.rows(features[S.ITEM_IDS]), axis=0)
+            h = self._projected(None, user_state, scores, projected)
+        elif _FUSED.get() and _plain_dense(self.projection):
+            h = self._projected(self.items(features[S.ITEM_IDS]), user_state, scores)
         else:
-            h = self.projection(self.feed.item_input(item_emb, user_state, scores))
+            h = self.projection(self.feed.item_input(self.items(features[S.ITEM_IDS]), user_state, scores))
         return self.feed.after_projection(h, scores), candidate_mask(features)
 
-    def _projected(self, item_emb, user_state, scores):
+    def _projected(self, item_emb, user_state, scores, projected=None):
         """`projection(feed.item_input(...))` without the concatenation (within `fused_inference()`).
 
         The user state is the same for every candidate of a list, so its share of the product is
         computed once a list rather than once a candidate: half the projection's FLOPs at the
-        default sizes, the same weights summed in another order.
+        default sizes, the same weights summed in another order. `projected`: the items' share
+        already computed (rows of `item_projection_tables`), in place of `item_emb`'s product.
         """
-        kernel, e, u = self.projection.kernel, item_emb.shape[-1], user_state.shape[-1]
-        x = ops.expand_dims(ops.cast(scores, item_emb.dtype), -1)
-        if self.feed.mode == "weight":
-            item_emb = item_emb * x
-        h = ops.matmul(item_emb, kernel[:e]) + ops.expand_dims(ops.matmul(user_state, kernel[e : e + u]), 1)
+        kernel, e, u = self.projection.kernel, self.items.dim, user_state.shape[-1]
+        x = ops.expand_dims(ops.cast(scores, user_state.dtype), -1)
+        if projected is None:
+            projected = ops.matmul(item_emb * x if self.feed.mode == "weight" else item_emb, kernel[:e])
+        elif self.feed.mode == "weight":  # (item_emb * x) @ kernel = x * (item_emb @ kernel): one x a candidate
+            projected = projected * x
+        h = projected + ops.expand_dims(ops.matmul(user_state, kernel[e : e + u]), 1)
         if self.feed.mode == "concat":
             h = h + x * kernel[e + u]
         if self.projection.bias is not None:
