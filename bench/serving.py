@@ -15,7 +15,9 @@ It imports nothing of dnr_tf for the measured path: the SavedModel alone is time
 FLOPs of one list are counted from the SavedModel's weights (`flops_per_list`): 2 x the size of
 every dense and attention kernel per candidate (the user-state layer once per request), plus the
 attention's scores and weighted sum (2 x 2 x list size x width per candidate and block); lookups,
-norms and activations are left out (they are a few per cent). With `--run_dir`, the same serving
+norms and activations are left out (they are a few per cent). It is the model's count: the exports
+compute less where their tables replace products (docs/performance.md), so "achieved GFLOP/s" is a
+rate of the model's work. With `--run_dir`, the same serving
 function is also timed in memory (the trained model rebuilt by dnr_tf, not exported), in rounds
 alternating with the export, to check that the export is not slower. With `--compare_model`
 (another export of the same reranker, e.g. `dnr_tf.export --jit_compile`), both exports are timed

@@ -593,3 +593,7 @@ def test_the_export_traces_the_fused_attention(exported):
     hidden = reranker.encoder.projection.kernel.shape[-1]
     tables = [shape for name, shape in saved_variables.items() if name.endswith("_item_projection")]
     assert tables == [[embedding.shape[0], hidden]], saved_variables
+    # And the first attention's query, key and value of every head: a table each, of the items' share.
+    attention = reranker.blocks[0].attention
+    heads = [shape for name, shape in saved_variables.items() if "_item_projection_" in name]
+    assert heads == [[embedding.shape[0], attention._key_dim]] * (3 * attention._num_heads), saved_variables

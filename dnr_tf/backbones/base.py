@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+from typing import Any, NamedTuple
 
 import keras
 from keras import ops
@@ -64,20 +65,98 @@ def item_projection_tables(model) -> dict:
     A table holds every vocabulary row's item embedding times the encoder's input projection's item
     rows (`[vocabulary rows, hidden_dim]` float32, a non-trainable `tf.Variable`), computed once when
     the serving functions are made: served, a candidate's share of the projection is then a gathered
-    row, not a product (an eighth of the XLA export's FLOPs at batch 256, docs/performance.md). The
+    row, not a product (about 9% of the model's FLOPs at batch 256, docs/performance.md). The
     same products summed in another order: the projections agree to float rounding.
+
+    And `{(id(attention), j): table}` for an attention that reads a linear encoder's output as it is
+    (a layer's `linear_attention`: PRM's first block): the encoder's table times the j-th of its
+    query, key and value heads' kernels (`_projections`), `[vocabulary rows, key_dim]` (see `attend`).
     """
     import tensorflow as tf
 
     tables = {}
-    for layer in model._flatten_layers(include_self=True):
+    layers = list(model._flatten_layers(include_self=True))
+    for layer in layers:
         embedding = layer.items.embedding if isinstance(layer, CandidateEncoder) else None
         if embedding is None or not (layer.projection.built and embedding.built):
             continue
         if _plain_dense(layer.projection) and _plain_dense(embedding):
             rows = ops.matmul(embedding.embeddings, layer.projection.kernel[: embedding.embeddings.shape[-1]])
             tables[id(layer)] = tf.Variable(rows, trainable=False, name=f"{layer.name}_item_projection")
+    for layer in layers:  # an attention that reads an encoder's output as its sum (PRM's first block)
+        encoder, attention = getattr(layer, "encoder", None), getattr(layer, "linear_attention", None)
+        if attention is None or id(encoder) not in tables or not encoder.is_linear or not _plain_attention(attention):
+            continue
+        for j, (dense, head) in enumerate(_projections(attention)):
+            rows = ops.matmul(tables[id(encoder)], dense.kernel[:, head, :])
+            tables[id(attention), j] = tf.Variable(rows, trainable=False, name=f"{attention.name}_item_projection_{j}")
     return tables
+
+
+def _projections(layer) -> list:
+    """(dense, head) of a `MultiHeadAttention`'s query, key and value projections, in that order."""
+    return [
+        (dense, head)
+        for dense in (layer._query_dense, layer._key_dense, layer._value_dense)
+        for head in range(layer._num_heads)
+    ]
+
+
+def _plain_attention(layer) -> bool:
+    """A built float32 attention whose projections are plain (the tables are its own products)."""
+    return (
+        layer.built
+        and layer.compute_dtype == "float32"
+        and all(_plain_dense(dense) for dense in (layer._query_dense, layer._key_dense, layer._value_dense))
+    )
+
+
+class LinearStates(NamedTuple):
+    """Candidates' hidden states `[batch, n, d]` as the sum a linear encoder makes them from, within
+    `fused_inference(tables)`: `scale * table[rows] + per_list + x * per_score + constant`.
+
+    `table` `[vocabulary rows, d]`: every item's share (`item_projection_tables`); `rows` `[batch, n]`;
+    `scale`: x `[batch, n, 1]` for the `weight` feed, else None; `per_list` `[batch, 1, d]`: the user
+    state's share; `x` `[batch, n, 1]`; `per_score` `[d]` or None; `constant` `[d]`, or `[n, d]` with
+    positions. A product of the states with a kernel is then the same sum of smaller products, and the
+    items' share of it a gathered row of a table made once (`attend`).
+    """
+
+    table: Any
+    rows: Any
+    scale: Any
+    per_list: Any
+    x: Any
+    per_score: Any
+    constant: Any
+
+    def value(self):
+        h = ops.take(self.table, self.rows, axis=0)
+        if self.scale is not None:
+            h = h * self.scale
+        h = h + self.per_list
+        if self.per_score is not None:
+            h = h + self.x * self.per_score
+        return h + self.constant
+
+    def times(self, kernel):
+        """The states times `kernel` `[d, k]`, but for the items' share: each column block of it takes
+        its own table (`columns`)."""
+        return self._replace(
+            table=None,
+            per_list=ops.matmul(self.per_list, kernel),
+            per_score=None if self.per_score is None else ops.matmul(ops.expand_dims(self.per_score, 0), kernel)[0],
+            constant=ops.matmul(self.constant if len(self.constant.shape) > 1 else self.constant[None], kernel),
+        )
+
+    def columns(self, start: int, stop: int, table):
+        """Columns `start:stop` of `times(kernel)`, whose items' share is `table` (`self.table` times those columns)."""
+        return self._replace(
+            table=table,
+            per_list=self.per_list[..., start:stop],
+            per_score=None if self.per_score is None else self.per_score[start:stop],
+            constant=self.constant[..., start:stop],
+        )
 
 
 # Keras' equations for one attention axis (the default): scores, combination, projections, output.
@@ -117,7 +196,7 @@ def _fusable(layer, query, value) -> bool:
     )
 
 
-def attend(layer, query, value, attention_mask=None, training=False):
+def attend(layer, query, value, attention_mask=None, training=False, linear=None):
     """`layer(query, value, attention_mask=attention_mask, training=training)` for a `MultiHeadAttention`.
 
     Within `fused_inference()`, at inference, the same attention one head at a time, in plain
@@ -131,6 +210,11 @@ def attend(layer, query, value, attention_mask=None, training=False):
     another order: the outputs agree to about 1e-7. Anywhere else (training, or a layer with a
     gate, a sliding window, Keras masks, other attention axes or a compute dtype other than
     float32) this is the layer's own call.
+
+    `linear`: the `LinearStates` that `query` and `value` both are (self-attention on a linear
+    encoder's output). With the export's tables for this layer, each projection is then that sum's
+    projection: the items' share a gathered row, the rest products of `[batch, 1, d]`, `[n, d]` and
+    `[d]` parts (about a quarter of PRM's FLOPs at the default sizes, docs/performance.md).
     """
     if not _FUSED.get() or training or not _fusable(layer, query, value):
         return layer(query, value, attention_mask=attention_mask, training=training)
@@ -138,8 +222,23 @@ def attend(layer, query, value, attention_mask=None, training=False):
 
     mask = layer._compute_attention_mask(query, value, attention_mask=attention_mask)
 
+    projections = _projections(layer)
+    tables = _ITEM_TABLES.get() or {}
+    gathered = [tables.get((id(layer), j)) for j in range(len(projections))] if linear is not None else []
+    if gathered and all(t is not None for t in gathered) and query is value:
+        # One product of the per-list, per-score and constant parts with every kernel side by side.
+        kernels = [dense.kernel[:, head, :] for dense, head in projections]
+        products = linear.times(ops.concatenate(kernels, axis=-1))
+        ends = [sum(k.shape[-1] for k in kernels[: j + 1]) for j in range(len(kernels))]
+    else:
+        products = None
+
     def project(dense, x, head):
-        y = ops.matmul(x, dense.kernel[:, head, :])
+        if products is not None and x is query:
+            j = projections.index((dense, head))
+            y = products.columns(ends[j] - dense.kernel.shape[-1], ends[j], gathered[j]).value()
+        else:
+            y = ops.matmul(x, dense.kernel[:, head, :])
         return y if dense.bias is None else y + dense.bias[head]
 
     heads = []
@@ -266,7 +365,41 @@ class CandidateEncoder(keras.layers.Layer):
         # Sub-layers build on the first call, from the dict of features.
         pass
 
+    @property
+    def is_linear(self) -> bool:
+        """Its output is a linear function of its inputs' parts (no activation): `linear_states` applies."""
+        return self.projection.activation is keras.activations.linear
+
+    def linear_states(self, features):
+        """The output as `LinearStates` (within `fused_inference(tables)`, for a linear encoder with a
+        table), or None."""
+        table = (_ITEM_TABLES.get() or {}).get(id(self)) if _FUSED.get() else None
+        if table is None or not self.is_linear:
+            return None
+        history = features[S.HISTORY]
+        user_state = self.user(self.items(history), ops.not_equal(history, S.PADDING_ID))
+        kernel, e, u = self.projection.kernel, self.items.dim, user_state.shape[-1]
+        x = ops.expand_dims(ops.cast(features[S.RETRIEVER_SCORES], user_state.dtype), -1)
+        per_score = kernel[e + u] if self.feed.mode == "concat" else None
+        constant = self.projection.bias if self.projection.bias is not None else ops.zeros(kernel.shape[-1:])
+        if self.feed.mode == "add":  # after the projection: x times the feed's kernel, plus its bias
+            per_score = self.feed.projection.kernel[0]
+            if self.feed.projection.bias is not None:
+                constant = constant + self.feed.projection.bias
+        return LinearStates(
+            table,
+            self.items.rows(features[S.ITEM_IDS]),
+            x if self.feed.mode == "weight" else None,
+            ops.expand_dims(ops.matmul(user_state, kernel[e : e + u]), 1),
+            x,
+            per_score,
+            constant,
+        )
+
     def call(self, features):
+        states = self.linear_states(features)
+        if states is not None:
+            return states.value(), candidate_mask(features)
         scores = features[S.RETRIEVER_SCORES]
         history = features[S.HISTORY]
         user_state = self.user(self.items(history), ops.not_equal(history, S.PADDING_ID))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from dnr_tf.backbones.base import PADDING_LOGIT, CandidateEncoder, attend
+from dnr_tf.backbones.base import PADDING_LOGIT, CandidateEncoder, attend, candidate_mask
 
 
 class TransformerBlock(keras.layers.Layer):
@@ -26,9 +26,11 @@ class TransformerBlock(keras.layers.Layer):
         self.norm2 = keras.layers.LayerNormalization()
         self.dropout = keras.layers.Dropout(dropout)
 
-    def call(self, h, mask, training=False):
+    def call(self, h, mask, training=False, linear=None):
+        """`linear`: `h` as `LinearStates` (served, after a linear encoder; see `attend`)."""
         attention_mask = ops.expand_dims(mask, 1)  # [batch, 1 (queries), list (keys)]
-        h = self.norm1(h + self.dropout(attend(self.attention, h, h, attention_mask, training), training=training))
+        attended = attend(self.attention, h, h, attention_mask, training, linear=linear)
+        h = self.norm1(h + self.dropout(attended, training=training))
         return self.norm2(h + self.dropout(self.ffn_out(self.ffn_in(h)), training=training))
 
 
@@ -60,14 +62,25 @@ class PRM(keras.layers.Layer):
         # Sub-layers build on the first call, from the dict of features.
         pass
 
+    @property
+    def linear_attention(self):
+        """The attention that reads the encoder's output (plus positions) as it is: the first block's."""
+        return self.blocks[0].attention if self.blocks else None
+
     def call(self, features, training=False):
-        h, mask = self.encoder(features)
+        linear = None if training else self.encoder.linear_states(features)
+        if linear is not None:  # served with the export's tables (`fused_inference`)
+            h, mask = linear.value(), candidate_mask(features)
+        else:
+            h, mask = self.encoder(features)
         if self.position is not None:
             # Positions past the trained list size share the last row (shorter lists are padded).
             n = ops.shape(h)[1]
             positions = ops.minimum(ops.arange(n), self.list_size - 1)
             h = h + ops.expand_dims(self.position(positions), 0)
-        for block in self.blocks:
-            h = block(h, mask, training=training)
+            if linear is not None:
+                linear = linear._replace(constant=linear.constant + self.position(positions))
+        for i, block in enumerate(self.blocks):
+            h = block(h, mask, training=training, linear=linear if i == 0 else None)
         logits = ops.squeeze(self.output_logit(self.output_hidden(h)), -1)
         return ops.where(mask, logits, PADDING_LOGIT)
