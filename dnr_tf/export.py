@@ -64,13 +64,16 @@ def _random_ops(graph_def) -> list[str]:
     return sorted({n.op for n in graph_nodes(graph_def) if "Random" in n.op})
 
 
-def serving_fns(reranker, list_size: int, k: int, jit_compile: bool = False, history_len: int = 0):
+def serving_fns(
+    reranker, list_size: int, k: int, jit_compile: bool = False, history_len: int = 0, item_tables: bool = True
+):
     """(predict_lists, serve_examples) tf.functions around a built reranker.
 
     Both trace the reranker within `fused_inference()` (`dnr_tf.backbones.base`): its attention one
     head at a time in plain products, its input projection without the concatenation, and the
     candidates' share of that projection gathered from a table of every item's, made here once
-    (`item_projection_tables`; the functions capture it, so the SavedModel saves it). The same
+    (`item_projection_tables`; the functions capture it, so the SavedModel saves it; `item_tables=False`
+    leaves the tables out, for catalogues where their size matters more than the speed). The same
     weights and operations in another order, so the scores agree with the in-memory model's to
     float rounding (about 5e-7 on ML-100K) and faster (docs/performance.md).
 
@@ -84,7 +87,7 @@ def serving_fns(reranker, list_size: int, k: int, jit_compile: bool = False, his
 
     from dnr_tf.backbones.base import fused_inference, ids_as_rows, item_projection_tables
 
-    tables = item_projection_tables(reranker)  # the functions capture them: the SavedModel saves them
+    tables = item_projection_tables(reranker) if item_tables else {}  # captured: the SavedModel saves them
 
     def rank(item_ids, model_ids, retriever_scores, history):
         """Scores and top K; the reranker reads `model_ids` and `history` (raw ids, or rows)."""
@@ -231,11 +234,14 @@ def export_model(
     info: dict | None = None,
     jit_compile: bool = False,
     history_len: int = 0,
+    item_tables: bool = True,
 ) -> str:
     """Saves `model.reranker` with both signatures into `<export_dir>/<version>/`; returns that path.
 
     `jit_compile`: the ranking is compiled by XLA (see `serving_fns`); TF Serving runs such a model
     only with `--xla_cpu_compilation_enabled=true`. `history_len` is the records' history length.
+    `item_tables`: the tables of every item's projections (see `serving_fns`; about 1 KB an item at
+    the default sizes).
 
     The SavedModel is written into a temporary folder and renamed into place, so that TF Serving,
     which watches `export_dir`, never loads a half-written version.
@@ -257,7 +263,7 @@ def export_model(
     tmp = os.path.join(export_dir, f".tmp-{version}")
     shutil.rmtree(tmp, ignore_errors=True)
 
-    predict_lists, serve_examples = serving_fns(model.reranker, list_size, k, jit_compile, history_len)
+    predict_lists, serve_examples = serving_fns(model.reranker, list_size, k, jit_compile, history_len, item_tables)
     archive = keras.export.ExportArchive()
     archive.track(model.reranker)
     archive.add_endpoint(
@@ -279,7 +285,8 @@ def export_model(
     if warmup_examples:
         write_warmup(os.path.join(extra, WARMUP_FILE), warmup_examples)
     with open(os.path.join(extra, "dnr_export.json"), "w") as f:
-        json.dump({"k": k, "list_size": list_size, "jit_compile": jit_compile, **(info or {})}, f, indent=2)
+        meta = {"k": k, "list_size": list_size, "jit_compile": jit_compile, "item_tables": item_tables}
+        json.dump({**meta, **(info or {})}, f, indent=2)
     os.replace(tmp, final)
     return final
 
@@ -339,6 +346,7 @@ def export_run(
     version: int | None = None,
     data_dir: str | None = None,
     jit_compile: bool = False,
+    item_tables: bool = True,
 ) -> str:
     """Exports the best model of a run; warmup requests come from the run's data (or `data_dir`)."""
     model, cfg, schema = load_trained(model_dir)
@@ -355,7 +363,16 @@ def export_run(
         "model_dir": os.path.abspath(model_dir),
     }
     return export_model(
-        model, export_dir, cfg.train.k, schema.list_size, version, examples, info, jit_compile, schema.history_len
+        model,
+        export_dir,
+        cfg.train.k,
+        schema.list_size,
+        version,
+        examples,
+        info,
+        jit_compile,
+        schema.history_len,
+        item_tables,
     )
 
 
@@ -371,10 +388,17 @@ def main(argv=None) -> int:
         action="store_true",
         help="compile the ranking with XLA (faster on CPU; TF Serving needs --xla_cpu_compilation_enabled=true)",
     )
+    parser.add_argument(
+        "--no_item_tables",
+        action="store_true",
+        help="leave out the tables of every item's projections (smaller, slower; about 1 KB an item by default)",
+    )
     parser.add_argument("--verbose", action="store_true", help="show TensorFlow's, Keras' and absl's own logs too")
     args = parser.parse_args(argv)
     try:
-        path = export_run(args.model_dir, args.export_dir, args.version, args.data_dir, args.jit_compile)
+        path = export_run(
+            args.model_dir, args.export_dir, args.version, args.data_dir, args.jit_compile, not args.no_item_tables
+        )
     except (config_io.ConfigError, FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

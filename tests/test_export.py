@@ -597,3 +597,28 @@ def test_the_export_traces_the_fused_attention(exported):
     attention = reranker.blocks[0].attention
     heads = [shape for name, shape in saved_variables.items() if "_item_projection_" in name]
     assert heads == [[embedding.shape[0], attention._key_dim]] * (3 * attention._num_heads), saved_variables
+
+
+def test_no_item_tables_export_saves_none_and_scores_the_same(exported, tmp_path):
+    """`--no_item_tables`: no table of the items' projections in the SavedModel (for catalogues where their
+    size, about 1 KB an item, matters), and the same scores and top K as the export with them."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    from dnr_tf.export import main
+
+    assert main(["--model_dir", str(exported["run"]), "--export_dir", str(tmp_path / "plain"), "--no_item_tables"]) == 0
+    path = str(tmp_path / "plain" / "1")
+    assert json.load(open(os.path.join(path, "assets.extra", "dnr_export.json")))["item_tables"] is False
+    assert json.load(open(os.path.join(exported["path"], "assets.extra", "dnr_export.json")))["item_tables"] is True
+    saved = saved_model_pb2.SavedModel.FromString(open(os.path.join(path, "saved_model.pb"), "rb").read())
+    names = [n.variable.name for n in saved.meta_graphs[0].object_graph_def.nodes if n.WhichOneof("kind") == "variable"]
+    assert names and not [name for name in names if "_item_projection" in name]
+
+    dense = _dense_batch(exported["data_dir"], 8)
+    inputs = {key: tf.constant(dense[key]) for key in (S.ITEM_IDS, S.RETRIEVER_SCORES, S.HISTORY)}
+    outs = [
+        tf.saved_model.load(p).signatures["predict_lists"](**inputs, user_id=tf.constant(dense[S.USER_ID]))
+        for p in (path, exported["path"])
+    ]
+    np.testing.assert_allclose(outs[0]["scores"].numpy(), outs[1]["scores"].numpy(), atol=1e-5)
+    np.testing.assert_array_equal(outs[0]["top_k_item_ids"].numpy(), outs[1]["top_k_item_ids"].numpy())
