@@ -71,8 +71,9 @@ def serving_fns(
 
     Both trace the reranker within `fused_inference()` (`dnr_tf.backbones.base`): its attention one
     head at a time in plain products, its input projection without the concatenation, and the
-    candidates' share of that projection gathered from a table of every item's, made here once
-    (`item_projection_tables`; the functions capture it, so the SavedModel saves it; `item_tables=False`
+    candidates' share of that projection gathered from a table of every item's, made here once (and
+    for PRM its first attention's query, key and value likewise: `item_projection_tables`,
+    `LinearStates`; the functions capture the tables, so the SavedModel saves them; `item_tables=False`
     leaves the tables out, for catalogues where their size matters more than the speed). The same
     weights and operations in another order, so the scores agree with the in-memory model's to
     float rounding (about 5e-7 on ML-100K) and faster (docs/performance.md).
