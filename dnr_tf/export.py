@@ -65,7 +65,12 @@ def _random_ops(graph_def) -> list[str]:
 
 
 def serving_fns(
-    reranker, list_size: int, k: int, jit_compile: bool = False, history_len: int = 0, item_tables: bool = True
+    reranker,
+    list_size: int,
+    k: int,
+    jit_compile: bool = False,
+    history_len: int = 0,
+    item_tables: bool | None = None,
 ):
     """(predict_lists, serve_examples) tf.functions around a built reranker.
 
@@ -73,8 +78,10 @@ def serving_fns(
     head at a time in plain products, its input projection without the concatenation, and the
     candidates' share of that projection gathered from a table of every item's, made here once (and
     for PRM its first attention's query, key and value likewise: `item_projection_tables`,
-    `LinearStates`; the functions capture the tables, so the SavedModel saves them; `item_tables=False`
-    leaves the tables out, for catalogues where their size matters more than the speed). The same
+    `LinearStates`; the functions capture the tables, so the SavedModel saves them). `item_tables`
+    (default: with `jit_compile`) makes the tables: they speed up the XLA export, not the default one,
+    whose executor spends on the gathers what the products saved (docs/performance.md); leave them
+    out where their size (about 1 KB an item at the default sizes) matters more than the speed. The same
     weights and operations in another order, so the scores agree with the in-memory model's to
     float rounding (about 5e-7 on ML-100K) and faster (docs/performance.md).
 
@@ -88,6 +95,8 @@ def serving_fns(
 
     from dnr_tf.backbones.base import fused_inference, ids_as_rows, item_projection_tables
 
+    if item_tables is None:
+        item_tables = jit_compile
     tables = item_projection_tables(reranker) if item_tables else {}  # captured: the SavedModel saves them
 
     def rank(item_ids, model_ids, retriever_scores, history):
@@ -235,14 +244,14 @@ def export_model(
     info: dict | None = None,
     jit_compile: bool = False,
     history_len: int = 0,
-    item_tables: bool = True,
+    item_tables: bool | None = None,
 ) -> str:
     """Saves `model.reranker` with both signatures into `<export_dir>/<version>/`; returns that path.
 
     `jit_compile`: the ranking is compiled by XLA (see `serving_fns`); TF Serving runs such a model
     only with `--xla_cpu_compilation_enabled=true`. `history_len` is the records' history length.
-    `item_tables`: the tables of every item's projections (see `serving_fns`; about 1 KB an item at
-    the default sizes).
+    `item_tables`: the tables of every item's projections (see `serving_fns`; default: with
+    `jit_compile`).
 
     The SavedModel is written into a temporary folder and renamed into place, so that TF Serving,
     which watches `export_dir`, never loads a half-written version.
@@ -264,6 +273,7 @@ def export_model(
     tmp = os.path.join(export_dir, f".tmp-{version}")
     shutil.rmtree(tmp, ignore_errors=True)
 
+    item_tables = jit_compile if item_tables is None else item_tables
     predict_lists, serve_examples = serving_fns(model.reranker, list_size, k, jit_compile, history_len, item_tables)
     archive = keras.export.ExportArchive()
     archive.track(model.reranker)
@@ -347,7 +357,7 @@ def export_run(
     version: int | None = None,
     data_dir: str | None = None,
     jit_compile: bool = False,
-    item_tables: bool = True,
+    item_tables: bool | None = None,
 ) -> str:
     """Exports the best model of a run; warmup requests come from the run's data (or `data_dir`)."""
     model, cfg, schema = load_trained(model_dir)
@@ -392,13 +402,20 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--no_item_tables",
         action="store_true",
-        help="leave out the tables of every item's projections (smaller, slower; about 1 KB an item by default)",
+        help="with --jit_compile: leave out the tables of every item's projections (smaller, slower; ~1 KB an item)",
     )
     parser.add_argument("--verbose", action="store_true", help="show TensorFlow's, Keras' and absl's own logs too")
     args = parser.parse_args(argv)
     try:
+        if args.no_item_tables and not args.jit_compile:
+            raise ValueError("--no_item_tables applies to --jit_compile exports (the default export makes no tables)")
         path = export_run(
-            args.model_dir, args.export_dir, args.version, args.data_dir, args.jit_compile, not args.no_item_tables
+            args.model_dir,
+            args.export_dir,
+            args.version,
+            args.data_dir,
+            args.jit_compile,
+            False if args.no_item_tables else None,
         )
     except (config_io.ConfigError, FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -483,6 +483,8 @@ def test_jit_compile_export_matches_the_default_in_a_fresh_process(exported, tmp
     from dnr_tf.backbones.base import _PROJECTION_EQUATION
 
     assert _PROJECTION_EQUATION not in _einsum_equations(graph.meta_graphs[0].graph_def), "not the fused attention"
+    _assert_item_tables(graph, exported["model"].reranker)
+    assert json.load(open(os.path.join(path, "assets.extra", "dnr_export.json")))["item_tables"] is True
 
     dense = _dense_batch(exported["data_dir"], 8)
     a, b = (int(v) for v in dense[S.ITEM_IDS][0, :2])
@@ -583,35 +585,50 @@ def test_the_export_traces_the_fused_attention(exported):
     assert _PROJECTION_EQUATION in _einsum_equations(plain.graph.as_graph_def())
     saved = saved_model_pb2.SavedModel.FromString(open(os.path.join(exported["path"], "saved_model.pb"), "rb").read())
     assert _PROJECTION_EQUATION not in _einsum_equations(saved.meta_graphs[0].graph_def)
-    # The candidates' share of the input projection is a saved table of every vocabulary row, gathered.
-    saved_variables = {
+    # The default export makes no tables of the items' projections (the XLA export does: below).
+    assert not [name for name in _saved_variables(saved) if "_item_projection" in name]
+
+
+def _saved_variables(saved) -> dict:
+    """{name: shape} of a SavedModel's variables."""
+    return {
         n.variable.name: [d.size for d in n.variable.shape.dim]
         for n in saved.meta_graphs[0].object_graph_def.nodes
         if n.WhichOneof("kind") == "variable"
     }
+
+
+def _assert_item_tables(saved, reranker):
+    """The candidates' share of the input projection, and PRM's first attention's query, key and value of
+    every head: a saved table each, of every vocabulary row."""
+    saved_variables = _saved_variables(saved)
     embedding = reranker.encoder.items.embedding.embeddings
     hidden = reranker.encoder.projection.kernel.shape[-1]
     tables = [shape for name, shape in saved_variables.items() if name.endswith("_item_projection")]
     assert tables == [[embedding.shape[0], hidden]], saved_variables
-    # And the first attention's query, key and value of every head: a table each, of the items' share.
     attention = reranker.blocks[0].attention
     heads = [shape for name, shape in saved_variables.items() if "_item_projection_" in name]
     assert heads == [[embedding.shape[0], attention._key_dim]] * (3 * attention._num_heads), saved_variables
 
 
-def test_no_item_tables_export_saves_none_and_scores_the_same(exported, tmp_path):
-    """`--no_item_tables`: no table of the items' projections in the SavedModel (for catalogues where their
-    size, about 1 KB an item, matters), and the same scores and top K as the export with them."""
+def test_no_item_tables_export_saves_none_and_scores_the_same(exported, tmp_path, capsys):
+    """`--jit_compile --no_item_tables`: no table of the items' projections in the SavedModel (for catalogues
+    where their size, about 1 KB an item, matters), and the default export's scores and top K; without
+    `--jit_compile` the flag is refused in one line, before any work."""
     from tensorflow.core.protobuf import saved_model_pb2
 
     from dnr_tf.export import main
 
-    assert main(["--model_dir", str(exported["run"]), "--export_dir", str(tmp_path / "plain"), "--no_item_tables"]) == 0
-    path = str(tmp_path / "plain" / "1")
+    args = ["--model_dir", str(exported["run"]), "--export_dir", str(tmp_path / "small"), "--no_item_tables"]
+    assert main(args) == 2
+    assert "--no_item_tables applies to --jit_compile exports" in capsys.readouterr().err
+    assert not (tmp_path / "small").exists()
+    assert main([*args, "--jit_compile"]) == 0
+    path = str(tmp_path / "small" / "1")
     assert json.load(open(os.path.join(path, "assets.extra", "dnr_export.json")))["item_tables"] is False
-    assert json.load(open(os.path.join(exported["path"], "assets.extra", "dnr_export.json")))["item_tables"] is True
+    assert json.load(open(os.path.join(exported["path"], "assets.extra", "dnr_export.json")))["item_tables"] is False
     saved = saved_model_pb2.SavedModel.FromString(open(os.path.join(path, "saved_model.pb"), "rb").read())
-    names = [n.variable.name for n in saved.meta_graphs[0].object_graph_def.nodes if n.WhichOneof("kind") == "variable"]
+    names = list(_saved_variables(saved))
     assert names and not [name for name in names if "_item_projection" in name]
 
     dense = _dense_batch(exported["data_dir"], 8)
