@@ -131,14 +131,42 @@ def test_a_mixed_precision_layer_and_encoder_keep_their_own_call():
         np.testing.assert_array_equal(np.asarray(encoder(features)[0]), encoded)
 
 
+def _features(seed=4, batch=4, n=9):
+    from dnr_tf import schema as S
+
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(1, 25, (batch, n))
+    ids[0, 6:] = 0
+    history = rng.integers(0, 21, (batch, 5))
+    return {S.ITEM_IDS: ids, S.RETRIEVER_SCORES: rng.random((batch, n)).astype("float32"), S.HISTORY: history}
+
+
+def _check_served_from_tables(model, features):
+    """With the export's tables, `model.linear_attention` projects the encoder's output as a sum
+    (`LinearStates`): the logits are the model's own, and zeroing those tables changes them (the path is taken)."""
+    from dnr_tf import schema as S
+
+    expected = np.asarray(model(features))
+    tables = item_projection_tables(model)
+    attention = model.linear_attention
+    own = [key for key in tables if isinstance(key, tuple)]
+    assert sorted(own) == [(id(attention), j) for j in range(6)]  # query, key and value of two heads
+    assert all(tuple(tables[key].shape) == (22, 4) for key in own)
+    with fused_inference(tables):
+        served = np.asarray(model(features))
+    np.testing.assert_allclose(served, expected, atol=1e-5)
+    for key in own:
+        tables[key].assign(np.zeros((22, 4), "float32"))
+    with fused_inference(tables):
+        assert np.abs(np.asarray(model(features)) - expected)[features[S.ITEM_IDS] != 0].max() > 1e-3
+
+
 @pytest.mark.parametrize(
     ("score_feed", "use_position"), [("none", True), ("concat", True), ("add", False), ("weight", True)]
 )
 def test_prm_served_from_the_tables_matches_its_own_call(score_feed, use_position):
-    """PRM's first attention reads the encoder's output as a sum (`LinearStates`): with the export's tables
-    its query, key and value are gathered rows plus small products, and the logits are the model's own;
-    zeroing those tables changes them (the path is taken), and a second block reads plain states."""
-    from dnr_tf import schema as S
+    """PRM's first attention reads the encoder's output (plus positions) as a sum; a second block reads
+    plain states."""
     from dnr_tf.backbones.prm import PRM
     from dnr_tf.config import ModelConfig
 
@@ -152,22 +180,4 @@ def test_prm_served_from_the_tables_matches_its_own_call(score_feed, use_positio
         score_feed=score_feed,
         use_position=use_position,
     )
-    prm = PRM(cfg, list(range(1, 21)), list_size=9, seed=3)
-    rng = np.random.default_rng(4)
-    ids = rng.integers(1, 25, (4, 9))
-    ids[0, 6:] = 0
-    history = rng.integers(0, 21, (4, 5))
-    features = {S.ITEM_IDS: ids, S.RETRIEVER_SCORES: rng.random((4, 9)).astype("float32"), S.HISTORY: history}
-    expected = np.asarray(prm(features))
-    tables = item_projection_tables(prm)
-    attention = prm.blocks[0].attention
-    own = [key for key in tables if isinstance(key, tuple)]
-    assert sorted(own) == [(id(attention), j) for j in range(6)]  # query, key and value of two heads
-    assert all(tuple(tables[key].shape) == (22, 4) for key in own)
-    with fused_inference(tables):
-        served = np.asarray(prm(features))
-    np.testing.assert_allclose(served, expected, atol=1e-5)
-    for key in own:
-        tables[key].assign(np.zeros((22, 4), "float32"))
-    with fused_inference(tables):
-        assert np.abs(np.asarray(prm(features)) - expected)[ids != 0].max() > 1e-3
+    _check_served_from_tables(PRM(cfg, list(range(1, 21)), list_size=9, seed=3), _features())
