@@ -74,7 +74,7 @@ def serving_fns(
 ):
     """(predict_lists, serve_examples) tf.functions around a built reranker.
 
-    Both trace the reranker within `fused_inference()` (`dnr_tf.backbones.base`): its attention one
+    Both trace the reranker within `fused_inference()` (`dnr_tf.backbones.fused`): its attention one
     head at a time in plain products, its input projection without the concatenation, and the
     candidates' share of that projection gathered from a table of every item's, made here once (and
     for PRM its first attention's query, key and value likewise: `item_projection_tables`,
@@ -93,7 +93,7 @@ def serving_fns(
     """
     import tensorflow as tf
 
-    from dnr_tf.backbones.base import fused_inference, ids_as_rows, item_projection_tables
+    from dnr_tf.backbones.fused import fused_inference, ids_as_rows, item_projection_tables
 
     if item_tables is None:
         item_tables = jit_compile

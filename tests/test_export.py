@@ -480,7 +480,7 @@ def test_jit_compile_export_matches_the_default_in_a_fresh_process(exported, tmp
         if f.attr["_XlaMustCompile"].b and any(n.op == "TopKV2" for n in f.node_def)
     ]
     assert compiled, "no XLA-compiled function holds the top K"
-    from dnr_tf.backbones.base import _PROJECTION_EQUATION
+    from dnr_tf.backbones.fused import _PROJECTION_EQUATION
 
     assert _PROJECTION_EQUATION not in _einsum_equations(graph.meta_graphs[0].graph_def), "not the fused attention"
     _assert_item_tables(graph, exported["model"].reranker)
@@ -573,7 +573,7 @@ def test_the_export_traces_the_fused_attention(exported):
     SavedModel, while the layer's own call, traced the same way outside the context, has them."""
     from tensorflow.core.protobuf import saved_model_pb2
 
-    from dnr_tf.backbones.base import _PROJECTION_EQUATION
+    from dnr_tf.backbones.fused import _PROJECTION_EQUATION
 
     spec = {
         S.ITEM_IDS: tf.TensorSpec([None, None], tf.int64),

@@ -7,7 +7,7 @@ import keras
 import numpy as np
 import pytest
 
-from dnr_tf.backbones.base import attend, fused_inference, item_projection_tables
+from dnr_tf.backbones.fused import attend, fused_inference, item_projection_tables
 
 
 def _inputs(seed=0, batch=3, t=7, s=5, dim=8):

@@ -14,7 +14,8 @@ import keras
 from keras import ops
 
 from dnr_tf import schema as S
-from dnr_tf.backbones.base import PADDING_LOGIT, CandidateEncoder, attend
+from dnr_tf.backbones.base import PADDING_LOGIT, CandidateEncoder
+from dnr_tf.backbones.fused import attend
 from dnr_tf.backbones.heads import history_mask
 from dnr_tf.backbones.prm import TransformerBlock
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from dnr_tf.backbones.base import PADDING_LOGIT, CandidateEncoder, attend, candidate_mask
+from dnr_tf.backbones.base import PADDING_LOGIT, CandidateEncoder, candidate_mask
+from dnr_tf.backbones.fused import attend
 
 
 class TransformerBlock(keras.layers.Layer):

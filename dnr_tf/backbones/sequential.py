@@ -20,7 +20,8 @@ import keras
 from keras import ops
 
 from dnr_tf import schema as S
-from dnr_tf.backbones.base import PADDING_LOGIT, CandidateEncoder, attend
+from dnr_tf.backbones.base import PADDING_LOGIT, CandidateEncoder
+from dnr_tf.backbones.fused import attend
 from dnr_tf.backbones.heads import PointwiseHead, history_mask
 
 MAX_HISTORY = 512

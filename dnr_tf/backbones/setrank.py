@@ -13,7 +13,8 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from dnr_tf.backbones.base import PADDING_LOGIT, CandidateEncoder, attend
+from dnr_tf.backbones.base import PADDING_LOGIT, CandidateEncoder
+from dnr_tf.backbones.fused import attend
 
 
 class MAB(keras.layers.Layer):
