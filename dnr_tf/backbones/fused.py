@@ -61,7 +61,7 @@ def item_projection_tables(model) -> dict:
     A table holds every vocabulary row's item embedding times the encoder's input projection's item
     rows (`[vocabulary rows, hidden_dim]` float32, a non-trainable `tf.Variable`), computed once when
     the serving functions are made: served, a candidate's share of the projection is then a gathered
-    row, not a product (about 9% of the model's FLOPs at batch 256, docs/performance.md). The
+    row, not a product (about 9% of PRM's FLOPs at the default sizes, docs/performance.md). The
     same products summed in another order: the projections agree to float rounding.
 
     And `{(id(attention), j): table}` for an attention that reads a linear encoder's output as it is
