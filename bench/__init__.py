@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 
 
 def require_paths(parser, pairs) -> None:
@@ -11,6 +12,12 @@ def require_paths(parser, pairs) -> None:
     for path, flag in pairs:
         if not os.path.exists(path):
             parser.error(f"{flag}: {path} not found")
+
+
+def spread(values) -> dict:
+    """min, median and max of repeated measurements (the VM's speed moves from one run to the next)."""
+    values = [float(v) for v in values]
+    return {"min": min(values), "median": statistics.median(values), "max": max(values)}
 
 
 def write_json(path: str, result: dict) -> None:

@@ -43,7 +43,6 @@ import itertools
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -52,7 +51,7 @@ import time
 
 import numpy as np
 
-from bench import write_json
+from bench import spread, write_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -198,10 +197,7 @@ def summarize_runs(runs: list[dict]) -> dict:
         if "baseline" in rows[0]:
             values["baseline_wall_s"] = [r["baseline"]["wall_s"] for r in rows]
             values["speedup"] = [r["speedup"] for r in rows]
-        out[key] = {
-            name: {"min": float(min(v)), "median": float(statistics.median(v)), "max": float(max(v))}
-            for name, v in values.items()
-        }
+        out[key] = {name: spread(v) for name, v in values.items()}
     return out
 
 

@@ -35,7 +35,7 @@ import os
 import platform
 import time
 
-from bench import write_json
+from bench import spread, write_json
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before TensorFlow loads (dnr_tf.quiet)
 from dnr_tf import quiet  # noqa: E402
@@ -267,10 +267,6 @@ def side_by_side(loaded: dict, records: list[bytes], batches: list[int], calls: 
 
 def summarize_repeats(speedups: list[dict]) -> dict:
     """min, median and max of each ratio over repeated side-by-side runs (their `speedup_...` dicts)."""
-
-    def spread(values):
-        return {"min": float(min(values)), "median": float(np.median(values)), "max": float(max(values))}
-
     first = speedups[0]
     return {
         "runs": len(speedups),

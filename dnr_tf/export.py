@@ -70,7 +70,7 @@ def serving_fns(
     k: int,
     jit_compile: bool = False,
     history_len: int = 0,
-    item_tables: bool | None = None,
+    item_tables: bool = False,
 ):
     """(predict_lists, serve_examples) tf.functions around a built reranker.
 
@@ -78,10 +78,11 @@ def serving_fns(
     head at a time in plain products, its input projection without the concatenation, and the
     candidates' share of that projection gathered from a table of every item's, made here once (and
     for PRM its first attention's query, key and value likewise: `item_projection_tables`,
-    `LinearStates`; the functions capture the tables, so the SavedModel saves them). `item_tables`
-    (default: with `jit_compile`) makes the tables: they speed up the XLA export, not the default one,
-    whose executor spends on the gathers what the products saved (docs/performance.md); leave them
-    out where their size (about 1 KB an item at the default sizes) matters more than the speed. The same
+    `LinearStates`; the functions capture the tables, so the SavedModel saves them), with
+    `item_tables` (`export_model` sets it with `jit_compile` by default): the tables speed up the XLA
+    export, not the default one, whose executor spends on the gathers what the products saved
+    (docs/performance.md); leave them out where their size (about 1 KB an item at the default
+    sizes) matters more than the speed. The same
     weights and operations in another order, so the scores agree with the in-memory model's to
     float rounding (about 5e-7 on ML-100K) and faster (docs/performance.md).
 
@@ -95,8 +96,6 @@ def serving_fns(
 
     from dnr_tf.backbones.fused import fused_inference, ids_as_rows, item_projection_tables
 
-    if item_tables is None:
-        item_tables = jit_compile
     tables = item_projection_tables(reranker) if item_tables else {}  # captured: the SavedModel saves them
 
     def rank(item_ids, model_ids, retriever_scores, history):

@@ -137,26 +137,33 @@ class CandidateEncoder(keras.layers.Layer):
         """Its output is a linear function of its inputs' parts (no activation): `linear_states` applies."""
         return self.projection.activation is keras.activations.linear
 
+    def _table(self):
+        """The export's table of this encoder's items' projections (within `fused_inference(tables)`), or None."""
+        return (_ITEM_TABLES.get() or {}).get(id(self)) if _FUSED.get() else None
+
     def linear_states(self, features):
         """The output as `LinearStates` (within `fused_inference(tables)`, for a linear encoder with a
         table), or None."""
-        table = (_ITEM_TABLES.get() or {}).get(id(self)) if _FUSED.get() else None
-        if table is None or not self.is_linear:
-            return None
+        table = self._table()
+        return self._states(features, table) if table is not None and self.is_linear else None
+
+    def _states(self, features, table):
+        """The input projection as `LinearStates` whose items' share is `table`; for a linear encoder with
+        the `add` feed folded in (x times the feed's kernel, plus its bias), so that it is the whole output."""
         history = features[S.HISTORY]
         user_state = self.user(self.items(history), ops.not_equal(history, S.PADDING_ID))
         kernel, e, u = self.projection.kernel, self.items.dim, user_state.shape[-1]
         x = ops.expand_dims(ops.cast(features[S.RETRIEVER_SCORES], user_state.dtype), -1)
         per_score = kernel[e + u] if self.feed.mode == "concat" else None
         constant = self.projection.bias if self.projection.bias is not None else ops.zeros(kernel.shape[-1:])
-        if self.feed.mode == "add":  # after the projection: x times the feed's kernel, plus its bias
+        if self.feed.mode == "add" and self.is_linear:
             per_score = self.feed.projection.kernel[0]
             if self.feed.projection.bias is not None:
                 constant = constant + self.feed.projection.bias
         return LinearStates(
             table,
             self.items.rows(features[S.ITEM_IDS]),
-            x if self.feed.mode == "weight" else None,
+            x if self.feed.mode == "weight" else None,  # (e * x) @ kernel = x * (e @ kernel): one x a candidate
             ops.expand_dims(ops.matmul(user_state, kernel[e : e + u]), 1),
             x,
             per_score,
@@ -164,37 +171,35 @@ class CandidateEncoder(keras.layers.Layer):
         )
 
     def call(self, features):
-        states = self.linear_states(features)
-        if states is not None:
-            return states.value(), candidate_mask(features)
         scores = features[S.RETRIEVER_SCORES]
+        table = self._table()
+        if table is not None:
+            states = self._states(features, table)
+            if self.is_linear:
+                return states.value(), candidate_mask(features)
+            h = self.projection.activation(states.value())
+            return self.feed.after_projection(h, scores), candidate_mask(features)
         history = features[S.HISTORY]
         user_state = self.user(self.items(history), ops.not_equal(history, S.PADDING_ID))
-        table = (_ITEM_TABLES.get() or {}).get(id(self)) if _FUSED.get() else None
-        if table is not None:
-            projected = ops.take(table, self.items.rows(features[S.ITEM_IDS]), axis=0)
-            h = self._projected(None, user_state, scores, projected)
-        elif _FUSED.get() and _plain_dense(self.projection):
-            h = self._projected(self.items(features[S.ITEM_IDS]), user_state, scores)
+        item_emb = self.items(features[S.ITEM_IDS])
+        if _FUSED.get() and _plain_dense(self.projection):
+            h = self._projected(item_emb, user_state, scores)
         else:
-            h = self.projection(self.feed.item_input(self.items(features[S.ITEM_IDS]), user_state, scores))
+            h = self.projection(self.feed.item_input(item_emb, user_state, scores))
         return self.feed.after_projection(h, scores), candidate_mask(features)
 
-    def _projected(self, item_emb, user_state, scores, projected=None):
+    def _projected(self, item_emb, user_state, scores):
         """`projection(feed.item_input(...))` without the concatenation (within `fused_inference()`).
 
         The user state is the same for every candidate of a list, so its share of the product is
         computed once a list rather than once a candidate: half the projection's FLOPs at the
-        default sizes, the same weights summed in another order. `projected`: the items' share
-        already computed (rows of `item_projection_tables`), in place of `item_emb`'s product.
+        default sizes, the same weights summed in another order.
         """
-        kernel, e, u = self.projection.kernel, self.items.dim, user_state.shape[-1]
-        x = ops.expand_dims(ops.cast(scores, user_state.dtype), -1)
-        if projected is None:
-            projected = ops.matmul(item_emb * x if self.feed.mode == "weight" else item_emb, kernel[:e])
-        elif self.feed.mode == "weight":  # (item_emb * x) @ kernel = x * (item_emb @ kernel): one x a candidate
-            projected = projected * x
-        h = projected + ops.expand_dims(ops.matmul(user_state, kernel[e : e + u]), 1)
+        kernel, e, u = self.projection.kernel, item_emb.shape[-1], user_state.shape[-1]
+        x = ops.expand_dims(ops.cast(scores, item_emb.dtype), -1)
+        if self.feed.mode == "weight":
+            item_emb = item_emb * x
+        h = ops.matmul(item_emb, kernel[:e]) + ops.expand_dims(ops.matmul(user_state, kernel[e : e + u]), 1)
         if self.feed.mode == "concat":
             h = h + x * kernel[e + u]
         if self.projection.bias is not None:

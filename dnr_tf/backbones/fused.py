@@ -83,7 +83,7 @@ def item_projection_tables(model) -> dict:
             tables[id(layer)] = tf.Variable(rows, trainable=False, name=f"{layer.name}_item_projection")
     for layer in layers:  # an attention that reads an encoder's output as its sum (PRM's first block)
         encoder, attention = getattr(layer, "encoder", None), getattr(layer, "linear_attention", None)
-        if attention is None or id(encoder) not in tables or not encoder.is_linear or not _plain_attention(attention):
+        if attention is None or id(encoder) not in tables or not encoder.is_linear or not _fusable_layer(attention):
             continue
         for j, (dense, head) in enumerate(_projections(attention)):
             rows = ops.matmul(tables[id(encoder)], dense.kernel[:, head, :])
@@ -98,15 +98,6 @@ def _projections(layer) -> list:
         for dense in (layer._query_dense, layer._key_dense, layer._value_dense)
         for head in range(layer._num_heads)
     ]
-
-
-def _plain_attention(layer) -> bool:
-    """A built float32 attention whose projections are plain (the tables are its own products)."""
-    return (
-        layer.built
-        and layer.compute_dtype == "float32"
-        and all(_plain_dense(dense) for dense in (layer._query_dense, layer._key_dense, layer._value_dense))
-    )
 
 
 class LinearStates(NamedTuple):
@@ -168,29 +159,37 @@ def _plain_dense(layer) -> bool:
     return layer.compute_dtype == "float32" and not layer.lora_enabled and layer.quantization_mode is None
 
 
-def _fusable(layer, query, value) -> bool:
-    """True where `attend`'s fused path computes what `layer(query, value, ...)` does at inference.
+def _fusable_layer(layer) -> bool:
+    """True for a `MultiHeadAttention` whose fused form (`attend`) computes what its own call does: built,
+    float32, the default attention axes, no gate or sliding window, plain projections.
 
     It reads the layer's internals as Keras 3.15 (pinned in setup.py) has them; tests/test_fused_attention.py
     compares the two paths, so a Keras that changes them fails there, not in a served model.
     """
-    from keras.src import backend
-
     if not layer.built or layer.compute_dtype != "float32":  # its projections come with the first call
         return False
     projections = (layer._query_dense, layer._key_dense, layer._value_dense)
     return (
-        len(query.shape) == 3
-        and len(value.shape) == 3
-        and layer._dot_product_equation == _SCORES_EQUATION
+        layer._dot_product_equation == _SCORES_EQUATION
         and layer._combine_equation == _COMBINE_EQUATION
         and all(d.equation == _PROJECTION_EQUATION for d in projections)
         and layer._output_dense.equation == _OUTPUT_EQUATION
         and not layer._use_gate
         and getattr(layer, "_sliding_window", None) is None
+        and all(_plain_dense(d) for d in (*projections, layer._output_dense))
+    )
+
+
+def _fusable(layer, query, value) -> bool:
+    """True where `attend`'s fused path computes what `layer(query, value, ...)` does at inference."""
+    from keras.src import backend
+
+    return (
+        _fusable_layer(layer)
+        and len(query.shape) == 3
+        and len(value.shape) == 3
         and backend.get_keras_mask(query) is None
         and backend.get_keras_mask(value) is None
-        and all(_plain_dense(d) for d in (*projections, layer._output_dense))
     )
 
 
@@ -220,22 +219,23 @@ def attend(layer, query, value, attention_mask=None, training=False, linear=None
 
     mask = layer._compute_attention_mask(query, value, attention_mask=attention_mask)
 
-    projections = _projections(layer)
-    tables = _ITEM_TABLES.get() or {}
-    gathered = [tables.get((id(layer), j)) for j in range(len(projections))] if linear is not None else []
-    if gathered and all(t is not None for t in gathered) and query is value:
-        # One product of the per-list, per-score and constant parts with every kernel side by side.
-        kernels = [dense.kernel[:, head, :] for dense, head in projections]
-        products = linear.times(ops.concatenate(kernels, axis=-1))
-        ends = [sum(k.shape[-1] for k in kernels[: j + 1]) for j in range(len(kernels))]
-    else:
-        products = None
+    from_tables = {}  # (id(dense), head) -> that projection of the `linear` states, from the export's tables
+    if linear is not None and query is value:
+        projections = _projections(layer)
+        tables = [(_ITEM_TABLES.get() or {}).get((id(layer), j)) for j in range(len(projections))]
+        if all(t is not None for t in tables):
+            # One product of the per-list, per-score and constant parts with every kernel side by side.
+            kernels = [dense.kernel[:, head, :] for dense, head in projections]
+            products = linear.times(ops.concatenate(kernels, axis=-1))
+            start = 0
+            for (dense, head), kernel, table in zip(projections, kernels, tables):
+                stop = start + kernel.shape[-1]
+                from_tables[id(dense), head] = products.columns(start, stop, table).value()
+                start = stop
 
     def project(dense, x, head):
-        if products is not None and x is query:
-            j = projections.index((dense, head))
-            y = products.columns(ends[j] - dense.kernel.shape[-1], ends[j], gathered[j]).value()
-        else:
+        y = from_tables.get((id(dense), head))
+        if y is None:
             y = ops.matmul(x, dense.kernel[:, head, :])
         return y if dense.bias is None else y + dense.bias[head]
 

@@ -78,9 +78,10 @@ class PRM(keras.layers.Layer):
             # Positions past the trained list size share the last row (shorter lists are padded).
             n = ops.shape(h)[1]
             positions = ops.minimum(ops.arange(n), self.list_size - 1)
-            h = h + ops.expand_dims(self.position(positions), 0)
+            position = self.position(positions)
+            h = h + ops.expand_dims(position, 0)
             if linear is not None:
-                linear = linear._replace(constant=linear.constant + self.position(positions))
+                linear = linear._replace(constant=linear.constant + position)
         for i, block in enumerate(self.blocks):
             h = block(h, mask, training=training, linear=linear if i == 0 else None)
         logits = ops.squeeze(self.output_logit(self.output_hidden(h)), -1)
