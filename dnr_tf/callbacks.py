@@ -11,7 +11,7 @@ import keras
 import tensorflow as tf
 from keras import ops
 
-from dnr_tf import safe_io
+from dnr_tf import config_io, safe_io
 from dnr_tf import schema as S
 
 
@@ -92,8 +92,13 @@ class RunBackup(keras.callbacks.Callback):
         with open(path) as f:
             return int(json.load(f)["epoch"])
 
-    def _generators(self):
-        return {v.path: v for v in self.model.variables if v.path.endswith("seed_generator_state")}
+    def _generators(self) -> list:
+        """The states of the model's random generators, in the model's variable order (the same for
+        the same config). Their paths hold Keras' name counters, which count per process: a second
+        model built in a process has `seed_generator_5` where the first had `seed_generator`. So a
+        resume matches them by position: by path, a run resumed in a process that had built another
+        model (a test, a notebook, the study's runner) silently kept fresh dropout states."""
+        return [v for v in self.model.variables if v.path.endswith("seed_generator_state")]
 
     def on_train_begin(self, logs=None):
         path = os.path.join(self.backup_dir, self.FILE)
@@ -105,9 +110,14 @@ class RunBackup(keras.callbacks.Callback):
             self.model.optimizer.build(self.model.trainable_variables)
         self.model.load_weights(os.path.join(self.backup_dir, state["weights"]))
         generators = self._generators()
-        for name, value in state["rng"].items():
-            if name in generators:
-                generators[name].assign(value)
+        saved = list(state["rng"].values())  # written in the model's variable order (`on_epoch_end`)
+        if len(saved) != len(generators):
+            raise config_io.ConfigError(
+                f"{path}: the backup holds {len(saved)} random generator states, this model has "
+                f"{len(generators)}: it is not this run's backup"
+            )
+        for variable, value in zip(generators, saved):
+            variable.assign(value)
         self.epoch, self.history, self.seconds = state["epoch"], state["history"], state["seconds"]
         best = state["best"]
         self.best.best_epoch, self.best.best_value = best["epoch"], best["value"]
@@ -139,7 +149,7 @@ class RunBackup(keras.callbacks.Callback):
                 "monitor": self.best.monitor,
                 "weights": self._best_weights,
             },
-            "rng": {name: v.numpy().tolist() for name, v in self._generators().items()},
+            "rng": {v.path: v.numpy().tolist() for v in self._generators()},  # by path: readable; restored by position
             "history": self.history,
             "seconds": self.seconds,
         }
