@@ -80,6 +80,7 @@ class RunBackup(keras.callbacks.Callback):
         self.best = best
         self.history: dict[str, list[float]] = {}
         self.seconds: list[float] = []
+        self.resumed_after: list[int] = []  # the committed epoch each resume of this run started from
         self.epoch = 0
         self._best_weights = None
 
@@ -119,6 +120,7 @@ class RunBackup(keras.callbacks.Callback):
         for variable, value in zip(generators, saved):
             variable.assign(value)
         self.epoch, self.history, self.seconds = state["epoch"], state["history"], state["seconds"]
+        self.resumed_after = [*state.get("resumed_after", []), self.epoch]  # a backup from before 2026-12-07: none
         best = state["best"]
         self.best.best_epoch, self.best.best_value = best["epoch"], best["value"]
         self._best_weights = best["weights"]
@@ -152,6 +154,7 @@ class RunBackup(keras.callbacks.Callback):
             "rng": {v.path: v.numpy().tolist() for v in self._generators()},  # by path: readable; restored by position
             "history": self.history,
             "seconds": self.seconds,
+            "resumed_after": self.resumed_after,
         }
         safe_io.write_json(os.path.join(self.backup_dir, self.FILE), state)
         keep = {self.FILE, weights, self._best_weights}

@@ -387,6 +387,7 @@ def train_and_evaluate(cfg: ExperimentConfig, data_dir: str, model_dir: str, rob
         "per_list_test_ndcg": robust["per_list_ndcg"],
         "per_list_test_ids": test_request_ids(data_dir, len(robust["per_list_ndcg"])),
         "seconds_per_epoch": trained["seconds_per_epoch"],
+        "resumed_after": trained.get("resumed_after", []),  # a finished run of older code: none recorded
     }
 
 

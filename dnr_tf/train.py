@@ -399,6 +399,8 @@ def train(
         "generator": int(model.generator_optimizer.iterations.numpy()) if model.generator_optimizer else 0,
         "generator_warmup": int(model.warmup_done.numpy()) if warmup else 0,
     }
+    # Before the restore below, which rewinds the warm-up's step count too when the best epoch came first.
+    warmup_summary = warmup.summary() if warmup else None
     skipped = int(model.skipped_steps.numpy())
     nonfinite = dict(zip(NONFINITE_TERMS, (int(v) for v in model.nonfinite_counts.numpy())))
     # The last epoch's sampler, as in an uninterrupted run, also for a resume that had no epoch left.
@@ -421,11 +423,12 @@ def train(
         "train_seconds": wall,
         "steps": steps,
         "calibration": calibration,
-        "generator_warmup": warmup.summary() if warmup else None,
+        "generator_warmup": warmup_summary,
         "skipped_steps": skipped,
         "nonfinite_counts": nonfinite,
         "strategy": {"name": strategy, "replicas": int(dist.num_replicas_in_sync), "chief": chief},
         "history": backup.history,  # every epoch's, a resumed run's included (kept in the backup)
+        "resumed_after": backup.resumed_after,  # [] for a run never interrupted
     }
     safe_io.write_json(os.path.join(model_dir, "metrics.json"), result, indent=2)
     run_dir.finish(model_dir)

@@ -104,17 +104,27 @@ def test_short_run_stops_early_and_a_run_killed_mid_warmup_resumes_to_the_same_e
     # with patience 2 a direct run would stop after epoch 3; DNR switching at lambda_e = 2 gives the
     # model-based phase its 2 epochs first, so it stops after epoch 4 of at most 6. The generator
     # (its own learning rate) warms up for 3 steps at the start of epoch 3, then trains.
+    # The generator also uses the new options (logit eps, eq. 8's regulariser): this run is their
+    # real training too (finite losses, both optimizers stepping, the warm-up's criterion).
     cfg = _cfg(
         train={"epochs": 6, "patience": 2, "learning_rate": 1e-12, "steps_per_epoch": 2},
         lambda_e=2,
         generator_warmup_steps=3,
+        generator_eps="logit",
+        x_reg="eq8",
     )
     whole = train(cfg, str(data_dir), str(tmp_path / "whole"), verbose=0)
     assert whole["stopped_early"] is True
     assert (whole["epochs_run"], whole["best_epoch"], whole["max_epochs"]) == (4, 1, 6)
     assert whole["history"]["sampler_phase"] == [0.0, 0.0, 1.0, 1.0]
-    assert whole["steps"]["generator_warmup"] == 3 and whole["steps"]["generator"] == 4
+    assert whole["steps"] == {"reranker": 8, "generator": 4, "generator_warmup": 3}
     assert json.load(open(tmp_path / "whole" / "metrics.json"))["epochs_run"] == 4
+    hist = whole["history"]
+    for key in ("loss", "l_direct", "l_z", "l_adv", "l_x", "val_loss"):
+        assert all(np.isfinite(hist[key])), key
+    assert hist["l_x"][:2] == [0.0, 0.0] and 0.0 not in hist["l_x"][2:], "eq. 8's term in the model-based epochs"
+    warm = whole["generator_warmup"]
+    assert warm["steps"] == 3 and np.isfinite(warm["criterion_first"]) and np.isfinite(warm["criterion_last"])
 
     # The same run killed during the warm-up (its second step, after epoch 2's backup), then resumed.
     original = DNRModel.warmup_step
@@ -146,25 +156,6 @@ def test_short_run_stops_early_and_a_run_killed_mid_warmup_resumes_to_the_same_e
 
 
 # --- DNR's choices -------------------------------------------------------------------------------
-
-
-def test_new_options_train_with_finite_losses_and_both_optimizers(synthetic_data, tmp_path):
-    data_dir, _ = synthetic_data
-    cfg = _cfg(
-        train={"steps_per_epoch": 3},
-        generator_eps="logit",
-        x_reg="eq8",
-        generator_warmup_steps=4,
-    )
-    result = train(cfg, str(data_dir), str(tmp_path / "run"), verbose=0)
-    hist = result["history"]
-    assert hist["sampler_phase"] == [0.0, 1.0]
-    assert result["steps"] == {"reranker": 6, "generator": 3, "generator_warmup": 4}
-    for key in ("loss", "l_direct", "l_z", "l_adv", "l_x", "val_loss"):
-        assert all(np.isfinite(hist[key])), key
-    assert hist["l_x"][1] != 0.0
-    warm = result["generator_warmup"]
-    assert warm["steps"] == 4 and np.isfinite(warm["criterion_first"]) and np.isfinite(warm["criterion_last"])
 
 
 @pytest.mark.parametrize("x_reg", ["log_ratio", "eq8"])

@@ -117,9 +117,12 @@ def test_a_kill_at_every_write_of_an_epoch_resumes_to_the_uninterrupted_result(w
     redone = 0
     for label, snap in states:
         state = snap / "backup" / "state.json"
-        redone += state.exists() and json.loads(state.read_text())["epoch"] < 3
+        committed = json.loads(state.read_text())["epoch"] if state.exists() else None
+        redone += committed is not None and committed < 3
         resumed = train(_cfg(), data_dir, str(snap), verbose=0)
         assert resumed["best_epoch"] == whole["best_epoch"], label
+        # No backup left: metrics.json was written, and the finished run is returned as it was.
+        assert resumed["resumed_after"] == ([committed] if committed else []), label
         for split in ("valid", "test"):
             for key, value in whole[split].items():
                 assert resumed[split][key] == pytest.approx(value, rel=1e-5, abs=1e-6), (label, split, key)
@@ -168,6 +171,7 @@ def test_a_full_disk_is_one_line_and_the_same_command_resumes(whole_run, tmp_pat
     resumed = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert resumed["best_epoch"] == whole["best_epoch"]
     assert len(resumed["history"]["loss"]) == 3
+    assert resumed["resumed_after"] == [2], "the first failure committed nothing; the second, two epochs"
     for key, value in whole["test"].items():  # epoch 3 redone (the failed run's was not committed)
         assert resumed["test"][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
 

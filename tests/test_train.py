@@ -163,6 +163,7 @@ def test_killed_run_resumes_from_its_epoch(smoke_run, tmp_path):
     result = json.loads((run_dir / "metrics.json").read_text())
     # The history of every epoch (the backup keeps it); the sampler's phase and both optimizers' state restored.
     assert len(result["history"]["loss"]) == 2
+    assert result["resumed_after"] == [1] and smoke_run["result"]["resumed_after"] == []
     assert result["history"]["sampler_phase"] == [0.0, 1.0]
     steps = result["steps"]["reranker"]
     assert steps % 2 == 0
