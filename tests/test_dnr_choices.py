@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 
 import keras
 import numpy as np
@@ -92,10 +93,6 @@ def test_early_stop_counter_comes_back_from_the_backup(tmp_path):
     assert again.epochs_to_run(10) == 4 and again.stopped_early
 
 
-class _KilledAfter(Exception):
-    pass
-
-
 def test_short_run_stops_early_and_a_run_killed_mid_warmup_resumes_to_the_same_end(
     synthetic_data, tmp_path, monkeypatch
 ):
@@ -113,7 +110,21 @@ def test_short_run_stops_early_and_a_run_killed_mid_warmup_resumes_to_the_same_e
         generator_eps="logit",
         x_reg="eq8",
     )
+    # A kill -9 leaves on disk what had been written when it came: the run's directory, copied during
+    # the warm-up's second step (after epoch 2's commit), is what a kill there leaves.
+    original = DNRModel.warmup_step
+    calls = []
+
+    def copied_at_second_step(self, *args):
+        calls.append(1)
+        if len(calls) == 2:
+            shutil.copytree(tmp_path / "whole", tmp_path / "run")
+        return original(self, *args)
+
+    monkeypatch.setattr(DNRModel, "warmup_step", copied_at_second_step)
     whole = train(cfg, str(data_dir), str(tmp_path / "whole"), verbose=0)
+    monkeypatch.setattr(DNRModel, "warmup_step", original)
+    assert len(calls) == 3 and json.load(open(tmp_path / "run" / "backup" / "state.json"))["epoch"] == 2
     assert whole["stopped_early"] is True
     assert (whole["epochs_run"], whole["best_epoch"], whole["max_epochs"]) == (4, 1, 6)
     assert whole["history"]["sampler_phase"] == [0.0, 0.0, 1.0, 1.0]
@@ -126,23 +137,11 @@ def test_short_run_stops_early_and_a_run_killed_mid_warmup_resumes_to_the_same_e
     warm = whole["generator_warmup"]
     assert warm["steps"] == 3 and np.isfinite(warm["criterion_first"]) and np.isfinite(warm["criterion_last"])
 
-    # The same run killed during the warm-up (its second step, after epoch 2's backup), then resumed.
-    original = DNRModel.warmup_step
-    calls = []
-
-    def killed(self, *args):
-        calls.append(1)
-        if len(calls) == 2:
-            raise _KilledAfter()
-        return original(self, *args)
-
-    monkeypatch.setattr(DNRModel, "warmup_step", killed)
-    with pytest.raises(_KilledAfter):
-        train(cfg, str(data_dir), str(tmp_path / "run"), verbose=0)
-    monkeypatch.setattr(DNRModel, "warmup_step", original)
+    # That copy resumed with the same config: the warm-up redone, then epochs 3 and 4.
     resumed = train(cfg, str(data_dir), str(tmp_path / "run"), verbose=0)
     # The history keeps every epoch (RunBackup), the two before the resume included.
     assert len(resumed["history"]["loss"]) == 4 and resumed["epochs_run"] == 4
+    assert resumed["resumed_after"] == [2]
     for key in ("stopped_early", "epochs_run", "best_epoch"):
         assert resumed[key] == whole[key], key
     assert resumed["steps"]["generator_warmup"] == 3, "the warm-up redone whole, counted once"
