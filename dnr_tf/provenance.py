@@ -62,8 +62,9 @@ def records_fingerprint(data_dir: str) -> str:
     `data` (from stats.json) does not see the order of the records, nor a change in them that leaves
     every statistic equal to 9 digits; training does (the shuffle is seeded over the file order). This
     hashes what a run reads: each split's files in name order, each record's features sorted by
-    name with their values. Parsed, not the bytes: protobuf writes a record's feature map in an order
-    that varies from one process to the next, so identical builds differ in their bytes.
+    name with their values. Parsed, not the bytes: builds before 2026-12-07 wrote a record's feature
+    map in protobuf's default order, which varies from one process to the next (`schema.to_example`
+    now writes it in name order), so identical builds of then differ in their bytes.
     """
     import glob
 

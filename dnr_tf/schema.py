@@ -180,7 +180,9 @@ def to_example(record: Mapping, schema: RecordSchema) -> bytes:
         schema: the shapes to pad to.
 
     Returns:
-        The serialized example.
+        The serialized example, its feature map in name order: the same bytes in every process
+        (protobuf's default order of map entries varies from one process to the next), so that a
+        build's files can be compared by their checksums.
     """
     import tensorflow as tf
 
@@ -204,7 +206,7 @@ def to_example(record: Mapping, schema: RecordSchema) -> bytes:
         features[ORACLE_SCORES] = floats(pad(record[ORACLE_SCORES], n, PADDING_SCORE))
     if schema.has_retrained:
         features[RETRIEVER_SCORES_RETRAINED] = floats(pad(record[RETRIEVER_SCORES_RETRAINED], n, PADDING_SCORE))
-    return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString()
+    return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString(deterministic=True)
 
 
 def as_numpy_record(record: Mapping, schema: RecordSchema) -> dict:
