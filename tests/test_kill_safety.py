@@ -121,7 +121,8 @@ def test_a_kill_at_every_write_of_an_epoch_resumes_to_the_uninterrupted_result(w
         redone += committed is not None and committed < 3
         resumed = train(_cfg(), data_dir, str(snap), verbose=0)
         assert resumed["best_epoch"] == whole["best_epoch"], label
-        # No backup left: metrics.json was written, and the finished run is returned as it was.
+        # A resume starts from the committed epoch; with no backup left (metrics.json written), the
+        # finished run is returned as it was, never resumed.
         assert resumed["resumed_after"] == ([committed] if committed else []), label
         for split in ("valid", "test"):
             for key, value in whole[split].items():
