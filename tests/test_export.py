@@ -77,6 +77,118 @@ def _expected(model, dense, k=6):
     return scores, top
 
 
+@pytest.fixture(scope="module")
+def fresh_process(exported, tmp_path_factory):
+    """The requests of the three fresh-process tests below, answered by one process that cannot
+    import dnr_tf (as TF Serving loads an export): the default export and, made here, the
+    `--jit_compile` one. One TensorFlow import and one load of each export serve all three tests."""
+    from dnr_tf.export import main
+
+    tmp = tmp_path_factory.mktemp("fresh_process")
+    assert main(["--model_dir", str(exported["run"]), "--export_dir", str(tmp / "xla"), "--jit_compile"]) == 0
+    xla = str(tmp / "xla" / "1")
+
+    # test_fresh_process_without_dnr_tf: four test lists, through both signatures.
+    dense4 = _dense_batch(exported["data_dir"], 4)
+    np.savez(tmp / "fresh.npz", **dense4)
+    _write_examples(tmp / "fresh.bin", read_examples(str(exported["data_dir"]), "test", 4))
+
+    # test_a_repeated_item_enters_the_top_k_once_in_a_fresh_process: one item three times in one request.
+    dense1 = _dense_batch(exported["data_dir"], 1)
+    a, b = (int(v) for v in dense1[S.ITEM_IDS][0, :2])
+    ids = np.array([[a, a, a, b]], np.int64)
+    scores = np.array([[0.9, 0.8, 0.7, 0.1]], np.float32)
+    history = dense1[S.HISTORY][:1]
+    example = tf.train.Example(
+        features=tf.train.Features(
+            feature={
+                S.ITEM_IDS: tf.train.Feature(int64_list=tf.train.Int64List(value=ids[0].tolist())),
+                S.RETRIEVER_SCORES: tf.train.Feature(float_list=tf.train.FloatList(value=scores[0].tolist())),
+                S.HISTORY: tf.train.Feature(int64_list=tf.train.Int64List(value=history[0].tolist())),
+            }
+        )
+    ).SerializeToString()
+    np.savez(tmp / "repeat.npz", ids=ids, scores=scores, history=history)
+    (tmp / "repeat.bin").write_bytes(example)
+
+    # test_jit_compile_export_matches_the_default_in_a_fresh_process: full, short and long-history
+    # requests, the examples and five bad requests, to both exports.
+    dense = _dense_batch(exported["data_dir"], 8)
+    c, d = (int(v) for v in dense[S.ITEM_IDS][0, :2])
+    long_history = np.concatenate([dense[S.HISTORY][:1], [[c, d, 7]]], axis=1)
+    np.savez(
+        tmp / "jit.npz",
+        **dense,
+        short_ids=np.array([[c, c, 10**15, d]], np.int64),
+        short_scores=np.array([[0.2, 0.9, 0.5, 0.5]], np.float32),
+        long_history=long_history,
+    )
+    examples8 = read_examples(str(exported["data_dir"]), "test", 8)
+    _write_examples(tmp / "jit.bin", examples8)
+
+    script = _WITHOUT_DNR_TF + textwrap.dedent(
+        f"""
+        out = {{}}
+        m = tf.saved_model.load({exported["path"]!r})
+
+        d = np.load({str(tmp / "fresh.npz")!r})
+        a = m.signatures["predict_lists"](item_ids=tf.constant(d["item_ids"]),
+            retriever_scores=tf.constant(d["retriever_scores"]), history=tf.constant(d["history"]),
+            user_id=tf.constant(d["user_id"]))
+        b = m.signatures["serving_default"](examples=tf.constant(read_examples({str(tmp / "fresh.bin")!r})))
+        out.update({{"fresh/a": a["scores"].numpy(), "fresh/b": b["scores"].numpy(),
+                    "fresh/ids": a["top_k_item_ids"].numpy()}})
+
+        d = np.load({str(tmp / "repeat.npz")!r})
+        a = m.signatures["predict_lists"](item_ids=tf.constant(d["ids"]), retriever_scores=tf.constant(d["scores"]),
+            history=tf.constant(d["history"]), user_id=tf.constant([1], tf.int64))
+        ex = open({str(tmp / "repeat.bin")!r}, "rb").read()
+        b = m.signatures["serving_default"](examples=tf.constant([ex]))
+        out.update({{"repeat/" + p + k: o[k].numpy() for p, o in (("a_", a), ("b_", b)) for k in o}})
+
+        d = np.load({str(tmp / "jit.npz")!r})
+        ex = read_examples({str(tmp / "jit.bin")!r})
+        def lists(m, ids, scores, history):
+            return m.signatures["predict_lists"](item_ids=tf.constant(ids), retriever_scores=tf.constant(scores),
+                history=tf.constant(history), user_id=tf.ones([len(ids)], tf.int64))
+        for name, m in (("plain", m), ("xla", tf.saved_model.load({xla!r}))):
+            calls = {{
+                "full": lists(m, d["item_ids"], d["retriever_scores"], d["history"]),
+                "short": lists(m, d["short_ids"], d["short_scores"], d["history"][:1]),
+                "long_history": lists(m, d["item_ids"][:1], d["retriever_scores"][:1], d["long_history"]),
+                "examples": m.signatures["serving_default"](examples=tf.constant(ex)),
+            }}
+            out.update({{f"{{name}}/{{c}}/{{k}}": v[k].numpy() for c, v in calls.items() for k in v}})
+            bad = [
+                (d["short_ids"], d["short_scores"] + 1.0, d["history"][:1]),  # a score above 1
+                (np.ones((1, 60), np.int64), np.full((1, 60), 0.5, np.float32), d["history"][:1]),  # too long
+                (d["short_ids"], d["short_scores"][:, :3], d["history"][:1]),  # shapes differ
+                (-d["short_ids"], d["short_scores"], d["history"][:1]),  # negative ids
+                (d["short_ids"], d["short_scores"], d["history"][:2]),  # two history rows for one list
+            ]
+            refused = []
+            for args in bad:
+                try:
+                    lists(m, *args)
+                    refused.append("")
+                except tf.errors.InvalidArgumentError as e:
+                    refused.append([line for line in e.message.splitlines() if "assertion failed" in line][0])
+            out[name + "/refused"] = np.array(refused)
+        out["fresh/dnr_tf_modules"] = np.array(sum(k.startswith(("dnr_tf", "pipeline")) for k in sys.modules))
+        np.savez({str(tmp / "out.npz")!r}, **out)
+        """
+    )
+    _run_without_dnr_tf(script, tmp)
+    return {
+        "out": dict(np.load(tmp / "out.npz")),
+        "xla": xla,
+        "dense4": dense4,
+        "repeated": (a, b),
+        "examples8": examples8,
+        "long_history_len": long_history.shape[1],
+    }
+
+
 def test_versions_layout_and_warmup(exported):
     path = exported["path"]
     assert os.path.basename(path) == "1" and os.path.exists(os.path.join(path, "saved_model.pb"))
@@ -115,31 +227,15 @@ def test_signatures_match_the_in_memory_model(exported):
     np.testing.assert_allclose(out2["scores"].numpy(), scores, atol=1e-5)
 
 
-def test_fresh_process_without_dnr_tf(exported, tmp_path):
-    dense = _dense_batch(exported["data_dir"], 4)
-    np.savez(tmp_path / "in.npz", **dense)
-    examples = read_examples(str(exported["data_dir"]), "test", 4)
-    _write_examples(tmp_path / "examples.bin", examples)
-    script = _WITHOUT_DNR_TF + textwrap.dedent(
-        f"""
-        m = tf.saved_model.load({exported["path"]!r})
-        d = np.load({str(tmp_path / "in.npz")!r})
-        a = m.signatures["predict_lists"](item_ids=tf.constant(d["item_ids"]),
-            retriever_scores=tf.constant(d["retriever_scores"]), history=tf.constant(d["history"]),
-            user_id=tf.constant(d["user_id"]))
-        ex = read_examples({str(tmp_path / "examples.bin")!r})
-        b = m.signatures["serving_default"](examples=tf.constant(ex))
-        assert not any(k.startswith(("dnr_tf", "pipeline")) for k in sys.modules)
-        np.savez({str(tmp_path / "out.npz")!r}, a=a["scores"].numpy(), b=b["scores"].numpy(),
-                 ids=a["top_k_item_ids"].numpy())
-        """
-    )
-    _run_without_dnr_tf(script, tmp_path)
-    out = np.load(tmp_path / "out.npz")
+def test_fresh_process_without_dnr_tf(exported, fresh_process):
+    """Both signatures of the default export, in a process that cannot import dnr_tf, give the
+    in-memory model's scores and top K."""
+    out, dense = fresh_process["out"], fresh_process["dense4"]
+    assert out["fresh/dnr_tf_modules"] == 0, "the process imported dnr_tf or pipeline"
     scores, top = _expected(exported["model"], dense)
-    np.testing.assert_allclose(out["a"], scores, atol=1e-5)
-    np.testing.assert_allclose(out["b"], scores, atol=1e-5)
-    np.testing.assert_array_equal(out["ids"], np.take_along_axis(dense[S.ITEM_IDS], top, 1))
+    np.testing.assert_allclose(out["fresh/a"], scores, atol=1e-5)
+    np.testing.assert_allclose(out["fresh/b"], scores, atol=1e-5)
+    np.testing.assert_array_equal(out["fresh/ids"], np.take_along_axis(dense[S.ITEM_IDS], top, 1))
 
 
 def test_saved_model_cli_show_and_run(exported):
@@ -402,38 +498,10 @@ def test_evaluate_uses_the_runs_k(exported, tmp_path, capsys):
     assert json.loads((tmp_path / "e.json").read_text())["k"] == 3
 
 
-def test_a_repeated_item_enters_the_top_k_once_in_a_fresh_process(exported, tmp_path):
+def test_a_repeated_item_enters_the_top_k_once_in_a_fresh_process(fresh_process):
     """The same item three times in one request: both signatures rank it once, at its best copy."""
-    dense = _dense_batch(exported["data_dir"], 1)
-    a, b = (int(v) for v in dense[S.ITEM_IDS][0, :2])
-    ids = np.array([[a, a, a, b]], np.int64)
-    scores = np.array([[0.9, 0.8, 0.7, 0.1]], np.float32)
-    history = dense[S.HISTORY][:1]
-    example = tf.train.Example(
-        features=tf.train.Features(
-            feature={
-                S.ITEM_IDS: tf.train.Feature(int64_list=tf.train.Int64List(value=ids[0].tolist())),
-                S.RETRIEVER_SCORES: tf.train.Feature(float_list=tf.train.FloatList(value=scores[0].tolist())),
-                S.HISTORY: tf.train.Feature(int64_list=tf.train.Int64List(value=history[0].tolist())),
-            }
-        )
-    ).SerializeToString()
-    np.savez(tmp_path / "in.npz", ids=ids, scores=scores, history=history)
-    (tmp_path / "example.bin").write_bytes(example)
-    script = _WITHOUT_DNR_TF + textwrap.dedent(
-        f"""
-        m = tf.saved_model.load({exported["path"]!r})
-        d = np.load({str(tmp_path / "in.npz")!r})
-        a = m.signatures["predict_lists"](item_ids=tf.constant(d["ids"]), retriever_scores=tf.constant(d["scores"]),
-            history=tf.constant(d["history"]), user_id=tf.constant([1], tf.int64))
-        ex = open({str(tmp_path / "example.bin")!r}, "rb").read()
-        b = m.signatures["serving_default"](examples=tf.constant([ex]))
-        np.savez({str(tmp_path / "out.npz")!r}, **{{p + k: o[k].numpy() for p, o in (("a_", a), ("b_", b)) for k in o}})
-        """
-    )
-    _run_without_dnr_tf(script, tmp_path)
-    out = np.load(tmp_path / "out.npz")
-    for p in ("a_", "b_"):
+    out, (a, b) = fresh_process["out"], fresh_process["repeated"]
+    for p in ("repeat/a_", "repeat/b_"):
         scores_out, top_ids, top_idx = out[p + "scores"][0], out[p + "top_k_item_ids"][0], out[p + "top_k_indices"][0]
         assert np.all(scores_out > 0)  # every copy is scored
         best_copy = int(np.argmax(scores_out[:3]))
@@ -462,16 +530,13 @@ def test_warmup_without_tensorflow_serving(tmp_path, monkeypatch):
     assert [prediction_log_pb2.PredictionLog.FromString(r) for r in records] == expected
 
 
-def test_jit_compile_export_matches_the_default_in_a_fresh_process(exported, tmp_path):
+def test_jit_compile_export_matches_the_default_in_a_fresh_process(exported, fresh_process):
     """`--jit_compile`: the ranking is one XLA cluster in the SavedModel, and a process without dnr_tf gets
     the default export's scores (1e-5) and top K (exactly) on full lists, a short list with a repeated and an
     unknown id, a history longer than the records', and `serving_default`; bad input is still refused."""
     from tensorflow.core.protobuf import saved_model_pb2
 
-    from dnr_tf.export import main
-
-    assert main(["--model_dir", str(exported["run"]), "--export_dir", str(tmp_path / "xla"), "--jit_compile"]) == 0
-    path = str(tmp_path / "xla" / "1")
+    path = fresh_process["xla"]
     assert json.load(open(os.path.join(path, "assets.extra", "dnr_export.json")))["jit_compile"] is True
     graph = saved_model_pb2.SavedModel.FromString(open(os.path.join(path, "saved_model.pb"), "rb").read())
     compiled = [
@@ -485,58 +550,9 @@ def test_jit_compile_export_matches_the_default_in_a_fresh_process(exported, tmp
     assert _PROJECTION_EQUATION not in _einsum_equations(graph.meta_graphs[0].graph_def), "not the fused attention"
     _assert_item_tables(graph, exported["model"].reranker)
     assert json.load(open(os.path.join(path, "assets.extra", "dnr_export.json")))["item_tables"] is True
+    assert fresh_process["long_history_len"] == exported["schema"].history_len + 3
 
-    dense = _dense_batch(exported["data_dir"], 8)
-    a, b = (int(v) for v in dense[S.ITEM_IDS][0, :2])
-    schema = exported["schema"]
-    long_history = np.concatenate([dense[S.HISTORY][:1], [[a, b, 7]]], axis=1)
-    np.savez(
-        tmp_path / "in.npz",
-        **dense,
-        short_ids=np.array([[a, a, 10**15, b]], np.int64),
-        short_scores=np.array([[0.2, 0.9, 0.5, 0.5]], np.float32),
-        long_history=long_history,
-    )
-    assert long_history.shape[1] == schema.history_len + 3
-    examples = read_examples(str(exported["data_dir"]), "test", 8)
-    _write_examples(tmp_path / "examples.bin", examples)
-    script = _WITHOUT_DNR_TF + textwrap.dedent(
-        f"""
-        d = np.load({str(tmp_path / "in.npz")!r})
-        ex = read_examples({str(tmp_path / "examples.bin")!r})
-        def lists(m, ids, scores, history):
-            return m.signatures["predict_lists"](item_ids=tf.constant(ids), retriever_scores=tf.constant(scores),
-                history=tf.constant(history), user_id=tf.ones([len(ids)], tf.int64))
-        out = {{}}
-        for name, path in (("plain", {exported["path"]!r}), ("xla", {path!r})):
-            m = tf.saved_model.load(path)
-            calls = {{
-                "full": lists(m, d["item_ids"], d["retriever_scores"], d["history"]),
-                "short": lists(m, d["short_ids"], d["short_scores"], d["history"][:1]),
-                "long_history": lists(m, d["item_ids"][:1], d["retriever_scores"][:1], d["long_history"]),
-                "examples": m.signatures["serving_default"](examples=tf.constant(ex)),
-            }}
-            out.update({{f"{{name}}/{{c}}/{{k}}": v[k].numpy() for c, v in calls.items() for k in v}})
-            bad = [
-                (d["short_ids"], d["short_scores"] + 1.0, d["history"][:1]),  # a score above 1
-                (np.ones((1, 60), np.int64), np.full((1, 60), 0.5, np.float32), d["history"][:1]),  # too long
-                (d["short_ids"], d["short_scores"][:, :3], d["history"][:1]),  # shapes differ
-                (-d["short_ids"], d["short_scores"], d["history"][:1]),  # negative ids
-                (d["short_ids"], d["short_scores"], d["history"][:2]),  # two history rows for one list
-            ]
-            refused = []
-            for args in bad:
-                try:
-                    lists(m, *args)
-                    refused.append("")
-                except tf.errors.InvalidArgumentError as e:
-                    refused.append([line for line in e.message.splitlines() if "assertion failed" in line][0])
-            out[name + "/refused"] = np.array(refused)
-        np.savez({str(tmp_path / "out.npz")!r}, **out)
-        """
-    )
-    _run_without_dnr_tf(script, tmp_path)
-    out = np.load(tmp_path / "out.npz")
+    out = fresh_process["out"]
     for call in ("full", "short", "long_history", "examples"):
         plain = {k: out[f"plain/{call}/{k}"] for k in ("scores", "top_k_item_ids", "top_k_indices")}
         xla = {k: out[f"xla/{call}/{k}"] for k in plain}
@@ -555,7 +571,7 @@ def test_jit_compile_export_matches_the_default_in_a_fresh_process(exported, tmp
 
     loaded = tf.saved_model.load(exported["path"])  # the bench's bookkeeping, not XLA's speed: one export twice
     pair = {"model": loaded, "compare_model": loaded}
-    side = side_by_side(pair, examples, [4], calls=10, seconds=0.2)
+    side = side_by_side(pair, fresh_process["examples8"], [4], calls=10, seconds=0.2)
     for sig in ("predict_lists", "serving_default"):
         assert side["single_request_ms"][sig]["compare_model"]["p50"] > 0
         assert np.isfinite(side["speedup_compare_model_over_model"]["throughput"]["4"][sig])
