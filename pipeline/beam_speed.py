@@ -16,7 +16,16 @@ process on a loaded machine). A view holds nothing of its own: it reads and writ
 `_all_options` dict of the options it was taken from, so `install()` keeps the first view of each
 class per options object (weakly) and hands it out again while that dict is still the one.
 
-Only the process that builds the pipeline is changed; runners' workers are not.
+Beam also asks `userstate.get_dofn_specs` for the state and timer specs of each DoFn about seven
+times while it builds, translates and runs a pipeline (3,364 calls for 476 DoFns in a small data
+set's build; 0.40 s of its 2.5 s), each walking `dir()` of the DoFn and wrapping every method. The
+answer depends only on the DoFn's methods, so `install()` keeps it per DoFn object (weakly, by
+identity) with the class and the instance's own methods it was computed from, and computes it again
+when any of them is no longer the same (a method set on the instance, another class). A class whose
+methods are replaced after it built a pipeline is not seen. Callers get their own sets.
+
+Only the process that builds the pipeline is changed; runners' workers are not (the in-memory
+DirectRunner runs its bundles in the same process, so there its workers benefit too).
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ import weakref
 
 CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # function -> {type of the callable: answer}
 VIEWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # options -> {options class: view}
+SPECS: dict = {}  # id(DoFn) -> (weak ref to it, its class, its own methods (weak refs), (states, timers))
 
 
 def _memoised(original, cache=CACHE):
@@ -67,11 +77,48 @@ def _memoised_view(original, views=VIEWS):
     return view_as
 
 
+def _own_methods(dofn) -> list:
+    """The DoFn's instance attributes that are methods, which `get_dofn_specs` reads besides its
+    class's methods (a `beam.Map`'s DoFn holds the mapped callable as its own `process`)."""
+    return [(name, value) for name, value in vars(dofn).items() if isinstance(value, types.MethodType)]
+
+
+def _memoised_specs(original, cache=SPECS):
+    def get_dofn_specs(dofn):
+        try:
+            own = _own_methods(dofn)
+        except TypeError:  # no instance dict
+            return original(dofn)
+        key = id(dofn)
+        held = cache.get(key)
+        if (
+            held is not None
+            and held[0]() is dofn
+            and held[1] is type(dofn)
+            and [name for name, _ in held[2]] == [name for name, _ in own]
+            and all(ref() is value for (_, ref), (_, value) in zip(held[2], own))
+        ):
+            states, timers = held[3]
+        else:
+            states, timers = original(dofn)
+            try:  # weakly held, by identity: the cache keeps nothing alive and never calls __eq__
+                ref = weakref.ref(dofn, lambda _, key=key: cache.pop(key, None))
+                methods = [(name, weakref.ref(value)) for name, value in own]
+            except TypeError:  # not weakly referenceable
+                return states, timers
+            cache[key] = (ref, type(dofn), methods, (frozenset(states), frozenset(timers)))
+        return set(states), set(timers)  # callers get their own sets, as from the original
+
+    get_dofn_specs.__wrapped__ = original
+    get_dofn_specs.__doc__ = original.__doc__
+    return get_dofn_specs
+
+
 def install() -> None:
-    """Memoises `apache_beam.transforms.core.get_function_args_defaults` and
-    `PipelineOptions.view_as` (idempotent)."""
+    """Memoises `apache_beam.transforms.core.get_function_args_defaults`,
+    `PipelineOptions.view_as` and `userstate.get_dofn_specs` (idempotent)."""
     from apache_beam.options.pipeline_options import PipelineOptions
-    from apache_beam.transforms import core
+    from apache_beam.transforms import core, userstate
 
     original = getattr(core, "get_function_args_defaults", None)
     if original is not None and not hasattr(original, "__wrapped__"):  # another Beam version, or done already
@@ -79,3 +126,6 @@ def install() -> None:
     view_as = PipelineOptions.__dict__.get("view_as")
     if view_as is not None and not hasattr(view_as, "__wrapped__"):
         PipelineOptions.view_as = _memoised_view(view_as)
+    specs = getattr(userstate, "get_dofn_specs", None)
+    if specs is not None and not hasattr(specs, "__wrapped__"):
+        userstate.get_dofn_specs = _memoised_specs(specs)

@@ -86,3 +86,69 @@ def test_options_views_keep_no_options_alive():
     del options
     gc.collect()
     assert ref() is None
+
+
+def _stateful_dofn_class():
+    import apache_beam as beam
+    from apache_beam.coders import VarIntCoder
+    from apache_beam.transforms import userstate
+    from apache_beam.transforms.timeutil import TimeDomain
+
+    class Stateful(beam.DoFn):
+        SEEN = userstate.BagStateSpec("seen", VarIntCoder())
+        FLUSH = userstate.TimerSpec("flush", TimeDomain.WATERMARK)
+
+        def process(self, element, seen=beam.DoFn.StateParam(SEEN), flush=beam.DoFn.TimerParam(FLUSH)):
+            yield element
+
+        @userstate.on_timer(FLUSH)
+        def on_flush(self):
+            return []
+
+    return Stateful
+
+
+def test_dofn_specs_are_the_originals_and_follow_the_dofns_own_methods():
+    import apache_beam as beam
+    from apache_beam.transforms import userstate
+
+    beam_speed.install()
+    original = userstate.get_dofn_specs.__wrapped__
+    stateful = _stateful_dofn_class()()
+    for dofn in (stateful, beam.DoFn(), core.CallableWrapperDoFn(len), core.CallableWrapperDoFn(_DoFn().process)):
+        want = original(dofn)
+        first = userstate.get_dofn_specs(dofn)
+        assert first == want == userstate.get_dofn_specs(dofn), dofn
+        assert id(dofn) in beam_speed.SPECS, "the answer is kept"
+        first[0].add("mutated")  # a caller that changes its sets changes no later answer
+        assert userstate.get_dofn_specs(dofn) == want, dofn
+    assert {s.name for s in userstate.get_dofn_specs(stateful)[0]} == {"seen"}
+    assert len(userstate.get_dofn_specs(stateful)[1]) == 1  # the timer (Beam names it "ts-flush")
+    assert userstate.is_stateful_dofn(stateful) and not userstate.is_stateful_dofn(beam.DoFn())
+
+    # A method set on the instance after an answer was kept: the DoFn is asked again.
+    class Plain(beam.DoFn):
+        def process(self, element):
+            yield element
+
+    plain = Plain()
+    assert userstate.get_dofn_specs(plain) == (set(), set())
+    plain.process = _stateful_dofn_class()().process
+    assert userstate.get_dofn_specs(plain) == original(plain) and original(plain)[0], "the new method's state"
+    plain.process = Plain().process
+    assert userstate.get_dofn_specs(plain) == (set(), set())
+
+
+def test_dofn_specs_keep_no_dofn_alive():
+    import weakref
+
+    from apache_beam.transforms import userstate
+
+    beam_speed.install()
+    dofn = core.CallableWrapperDoFn(_DoFn().process)
+    userstate.get_dofn_specs(dofn)
+    key, ref = id(dofn), weakref.ref(dofn)
+    assert key in beam_speed.SPECS
+    del dofn
+    gc.collect()
+    assert ref() is None and key not in beam_speed.SPECS, "a DoFn is freed, and leaves the cache, once Beam drops it"
