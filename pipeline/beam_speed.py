@@ -78,9 +78,22 @@ def _memoised_view(original, views=VIEWS):
 
 
 def _own_methods(dofn) -> list:
-    """The DoFn's instance attributes that are methods, which `get_dofn_specs` reads besides its
-    class's methods (a `beam.Map`'s DoFn holds the mapped callable as its own `process`)."""
-    return [(name, value) for name, value in vars(dofn).items() if isinstance(value, types.MethodType)]
+    """What of the DoFn's instance attributes `get_dofn_specs` reads: those that are methods (a
+    `beam.Map`'s DoFn may hold the mapped callable as its own `process`), and the names of those that
+    hide an attribute of its class (a method of the class is then not read). `(name, method or None)`."""
+    klass = type(dofn)
+    return [
+        (name, value if isinstance(value, types.MethodType) else None)
+        for name, value in vars(dofn).items()
+        if isinstance(value, types.MethodType) or hasattr(klass, name)
+    ]
+
+
+def _unchanged(kept: list, own: list) -> bool:
+    """Whether `_own_methods` gives what it gave when `kept` (its methods as weak references) was kept."""
+    if [name for name, _ in kept] != [name for name, _ in own]:
+        return False
+    return all((None if ref is None else ref()) is value for (_, ref), (_, value) in zip(kept, own))
 
 
 def _memoised_specs(original, cache=SPECS):
@@ -91,19 +104,13 @@ def _memoised_specs(original, cache=SPECS):
             return original(dofn)
         key = id(dofn)
         held = cache.get(key)
-        if (
-            held is not None
-            and held[0]() is dofn
-            and held[1] is type(dofn)
-            and [name for name, _ in held[2]] == [name for name, _ in own]
-            and all(ref() is value for (_, ref), (_, value) in zip(held[2], own))
-        ):
+        if held is not None and held[0]() is dofn and held[1] is type(dofn) and _unchanged(held[2], own):
             states, timers = held[3]
         else:
             states, timers = original(dofn)
             try:  # weakly held, by identity: the cache keeps nothing alive and never calls __eq__
                 ref = weakref.ref(dofn, lambda _, key=key: cache.pop(key, None))
-                methods = [(name, weakref.ref(value)) for name, value in own]
+                methods = [(name, None if value is None else weakref.ref(value)) for name, value in own]
             except TypeError:  # not weakly referenceable
                 return states, timers
             cache[key] = (ref, type(dofn), methods, (frozenset(states), frozenset(timers)))

@@ -137,6 +137,10 @@ def test_dofn_specs_are_the_originals_and_follow_the_dofns_own_methods():
     assert userstate.get_dofn_specs(plain) == original(plain) and original(plain)[0], "the new method's state"
     plain.process = Plain().process
     assert userstate.get_dofn_specs(plain) == (set(), set())
+    # An instance attribute that is not a method hides the class's method of that name from Beam.
+    assert userstate.get_dofn_specs(stateful)[0]
+    stateful.process = lambda element: [element]
+    assert userstate.get_dofn_specs(stateful) == original(stateful) == (set(), set())
 
 
 def test_dofn_specs_keep_no_dofn_alive():
