@@ -539,17 +539,15 @@ def test_jit_compile_export_matches_the_default_in_a_fresh_process(exported, fre
     path = fresh_process["xla"]
     assert json.load(open(os.path.join(path, "assets.extra", "dnr_export.json")))["jit_compile"] is True
     graph = saved_model_pb2.SavedModel.FromString(open(os.path.join(path, "saved_model.pb"), "rb").read())
-    compiled = [
-        f.signature.name
-        for f in graph.meta_graphs[0].graph_def.library.function
-        if f.attr["_XlaMustCompile"].b and any(n.op == "TopKV2" for n in f.node_def)
-    ]
+    compiled = [f.signature.name for f in _xla_functions(graph) if any(n.op == "TopKV2" for n in f.node_def)]
     assert compiled, "no XLA-compiled function holds the top K"
     from dnr_tf.backbones.fused import _PROJECTION_EQUATION
 
     assert _PROJECTION_EQUATION not in _einsum_equations(graph.meta_graphs[0].graph_def), "not the fused attention"
-    _assert_item_tables(graph, exported["model"].reranker)
-    assert json.load(open(os.path.join(path, "assets.extra", "dnr_export.json")))["item_tables"] is True
+    info = json.load(open(os.path.join(path, "assets.extra", "dnr_export.json")))
+    assert info["item_tables"] is True and info["frozen_weights"] is True
+    _assert_item_tables(graph, exported["model"].reranker, frozen=True)
+    assert _xla_reads(graph) == [], "the compiled ranking reads no variable: its weights are constants"
     assert fresh_process["long_history_len"] == exported["schema"].history_len + 3
 
     out = fresh_process["out"]
@@ -614,9 +612,51 @@ def _saved_variables(saved) -> dict:
     }
 
 
-def _assert_item_tables(saved, reranker):
+def _constants(saved) -> list:
+    """Every constant of two or more dimensions in a SavedModel's functions (a frozen XLA export's weights)."""
+    return [
+        tf.make_ndarray(n.attr["value"].tensor)
+        for f in saved.meta_graphs[0].graph_def.library.function
+        for n in f.node_def
+        if n.op == "Const" and len(n.attr["value"].tensor.tensor_shape.dim) >= 2
+    ]
+
+
+def _xla_functions(saved) -> list:
+    """The SavedModel's XLA-compiled functions and the functions they call (what XLA compiles)."""
+    library = {f.signature.name: f for f in saved.meta_graphs[0].graph_def.library.function}
+    todo = [name for name, f in library.items() if f.attr["_XlaMustCompile"].b]
+    found = {}
+    while todo:
+        f = library[todo.pop()]
+        if f.signature.name not in found:
+            found[f.signature.name] = f
+            todo += [a.func.name for n in f.node_def for a in n.attr.values() if a.func.name in library]
+    return list(found.values())
+
+
+def _xla_reads(saved) -> list:
+    """The variable reads in what XLA compiles."""
+    functions = _xla_functions(saved)
+    assert functions, "no XLA-compiled function"
+    reads = ("ReadVariableOp", "ResourceGather", "VarHandleOp")
+    return [n.name for f in functions for n in f.node_def if n.op in reads]
+
+
+def _assert_item_tables(saved, reranker, frozen):
     """The candidates' share of the input projection, and PRM's first attention's query, key and value of
-    every head: a saved table each, of every vocabulary row."""
+    every head: a table each, of every vocabulary row; saved as variables, or, in a frozen XLA export,
+    constants of the compiled function (equal to the tables the export computes)."""
+    from dnr_tf.backbones.fused import item_projection_tables
+
+    want = [v.numpy() for v in item_projection_tables(reranker).values()]
+    assert len(want) == 1 + 3 * reranker.blocks[0].attention._num_heads
+    if frozen:
+        constants = _constants(saved)
+        for table in want:
+            assert any(c.shape == table.shape and np.array_equal(c, table) for c in constants), table.shape
+        assert not [name for name in _saved_variables(saved) if "_item_projection" in name], "saved twice"
+        return
     saved_variables = _saved_variables(saved)
     embedding = reranker.encoder.items.embedding.embeddings
     hidden = reranker.encoder.projection.kernel.shape[-1]
@@ -646,6 +686,14 @@ def test_no_item_tables_export_saves_none_and_scores_the_same(exported, tmp_path
     saved = saved_model_pb2.SavedModel.FromString(open(os.path.join(path, "saved_model.pb"), "rb").read())
     names = list(_saved_variables(saved))
     assert names and not [name for name in names if "_item_projection" in name]
+    # Nor among the constants its weights were frozen into (no table has the shape of one).
+    assert json.load(open(os.path.join(path, "assets.extra", "dnr_export.json")))["frozen_weights"] is True
+    from dnr_tf.backbones.fused import item_projection_tables
+
+    shapes = {tuple(v.shape) for v in item_projection_tables(exported["model"].reranker).values()}
+    embedding = tuple(exported["model"].reranker.encoder.items.embedding.embeddings.shape)
+    frozen = [c.shape for c in _constants(saved)]
+    assert embedding in frozen and not shapes - {embedding} & set(frozen), frozen
 
     dense = _dense_batch(exported["data_dir"], 8)
     inputs = {key: tf.constant(dense[key]) for key in (S.ITEM_IDS, S.RETRIEVER_SCORES, S.HISTORY)}
@@ -655,3 +703,31 @@ def test_no_item_tables_export_saves_none_and_scores_the_same(exported, tmp_path
     ]
     np.testing.assert_allclose(outs[0]["scores"].numpy(), outs[1]["scores"].numpy(), atol=1e-5)
     np.testing.assert_array_equal(outs[0]["top_k_item_ids"].numpy(), outs[1]["top_k_item_ids"].numpy())
+
+
+def test_weights_over_the_freeze_limit_stay_variables_and_score_the_same(exported, tmp_path):
+    """An XLA export whose weights exceed `freeze_limit_bytes` keeps them (and the tables) as variables
+    that the compiled ranking reads, and gives the frozen export's scores (1e-5) and top K (exactly)."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    from dnr_tf.export import export_model
+
+    schema = exported["schema"]
+    kwargs = {"k": 6, "list_size": schema.list_size, "jit_compile": True, "history_len": schema.history_len}
+    paths = [
+        export_model(exported["model"], str(tmp_path / name), freeze_limit_bytes=limit, **kwargs)
+        for name, limit in (("variables", 0), ("frozen", 2**30))
+    ]
+    infos = [json.load(open(os.path.join(p, "assets.extra", "dnr_export.json"))) for p in paths]
+    assert [info["frozen_weights"] for info in infos] == [False, True]
+    saved = [saved_model_pb2.SavedModel.FromString(open(os.path.join(p, "saved_model.pb"), "rb").read()) for p in paths]
+    _assert_item_tables(saved[0], exported["model"].reranker, frozen=False)
+    assert len(_xla_reads(saved[0])) >= 8 and _xla_reads(saved[1]) == []
+
+    dense = _dense_batch(exported["data_dir"], 8)
+    inputs = {key: tf.constant(dense[key]) for key in (S.ITEM_IDS, S.RETRIEVER_SCORES, S.HISTORY, S.USER_ID)}
+    outs = [tf.saved_model.load(p).signatures["predict_lists"](**inputs) for p in paths]
+    np.testing.assert_allclose(outs[0]["scores"].numpy(), outs[1]["scores"].numpy(), atol=1e-5)
+    np.testing.assert_array_equal(outs[0]["top_k_item_ids"].numpy(), outs[1]["top_k_item_ids"].numpy())
+    scores, _ = _expected(exported["model"], dense)
+    np.testing.assert_allclose(outs[1]["scores"].numpy(), scores, atol=1e-5)
