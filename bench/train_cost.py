@@ -19,7 +19,8 @@ Every case has its own model and Keras train function; rounds of `--steps` steps
 turn (the order rotates a round), the first round is warm-up (tracing) and is dropped, and the
 median seconds a step over the other rounds is reported with its ratio to `direct`. The batches are
 the first `--batches` batches of the train split, cached in memory and repeated, so every case
-sees the same data and input reading is not measured.
+sees the same data and input reading is not measured. `--precision mixed_bfloat16` runs every case
+under `train.precision: mixed_bfloat16` (compare with a float32 process: one precision a process).
 
 Each case also gets its FLOPs a step (`PASSES` reranker passes, each about 3x the forward FLOPs of
 its lists, counted from the reranker's weights as `bench.serving` counts them) and its achieved
@@ -94,7 +95,7 @@ def machine() -> dict:
     }
 
 
-def build_cases(data_dir: str, names: list[str], n_batches: int):
+def build_cases(data_dir: str, names: list[str], n_batches: int, precision: str = "float32"):
     from dnr_tf import schema as schema_lib
     from dnr_tf.runs import build_model, read_vocab
     from dnr_tf.train import datasets
@@ -104,7 +105,7 @@ def build_cases(data_dir: str, names: list[str], n_batches: int):
     cases = {}
     for name in names:
         path, overrides, model_based = CASES[name]
-        cfg = _config(path, overrides)
+        cfg = _config(path, [*overrides, f"train.precision={precision}"])
         train_ds = datasets(data_dir, cfg, schema)[0].take(n_batches).cache().repeat()
         example = next(iter(train_ds))[0]
         model = build_model(cfg, vocab, schema, example)
@@ -137,8 +138,8 @@ def time_steps(case: dict, steps: int) -> list[float]:
     return out
 
 
-def run(data_dir: str, names: list[str], rounds: int, steps: int, n_batches: int) -> dict:
-    cases = build_cases(data_dir, names, n_batches)
+def run(data_dir: str, names: list[str], rounds: int, steps: int, n_batches: int, precision: str = "float32") -> dict:
+    cases = build_cases(data_dir, names, n_batches, precision)
     keys = list(cases)
     times = {key: [] for key in keys}
     for r in range(rounds + 1):
@@ -153,6 +154,7 @@ def run(data_dir: str, names: list[str], rounds: int, steps: int, n_batches: int
         "machine": machine(),
         "data_dir": os.path.abspath(data_dir),
         "batch_size": cases["direct"]["batch_size"],
+        "precision": precision,
         "rounds": rounds,
         "steps_per_round": steps,
         "cases": {},
@@ -191,6 +193,9 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=20, help="steps per case a round")
     parser.add_argument("--batches", type=int, default=20, help="distinct batches, repeated")
     parser.add_argument("--quick", action="store_true", help="a run under a minute (2 rounds of 5 steps)")
+    parser.add_argument(
+        "--precision", choices=("float32", "mixed_bfloat16"), default="float32", help="train.precision of every case"
+    )
     args = parser.parse_args(argv)
     if not os.path.exists(os.path.join(args.data_dir, "schema.json")):
         parser.error(f"{args.data_dir}/schema.json not found: build the data first (make ml100k)")
@@ -199,11 +204,12 @@ def main(argv=None) -> int:
     if unknown or "direct" not in names:
         parser.error(f"--cases: unknown {unknown}" if unknown else "--cases must include direct (the baseline)")
     rounds, steps = (2, 5) if args.quick else (args.rounds, args.steps)
-    result = run(args.data_dir, names, rounds, steps, args.batches)
+    result = run(args.data_dir, names, rounds, steps, args.batches, args.precision)
     result["peak"] = peak_lib.measure(*((1024, 0.6) if args.quick else (2048, 2.0)))  # same process
     add_shares(result)
     write_json(args.output, result)
-    print(f"median seconds a training step, batch {result['batch_size']}, {result['machine']['cpu']}:")
+    batch, cpu = result["batch_size"], result["machine"]["cpu"]
+    print(f"median seconds a training step, batch {batch}, {args.precision}, {cpu}:")
     for key, row in result["cases"].items():
         print(
             f"  {key:30s} {1e3 * row['median_s_per_step']:8.1f} ms   x{row['ratio_to_direct']:.2f}   "

@@ -386,8 +386,10 @@ def export_run(
     jit_compile: bool = False,
     item_tables: bool | None = None,
 ) -> str:
-    """Exports the best model of a run; warmup requests come from the run's data (or `data_dir`)."""
-    model, cfg, schema = load_trained(model_dir)
+    """Exports the best model of a run; warmup requests come from the run's data (or `data_dir`).
+    The export computes in float32, also for a run trained with `train.precision: mixed_bfloat16`
+    (whose weights are float32)."""
+    model, cfg, schema = load_trained(model_dir, precision="float32")
     if data_dir is None:
         data_dir = config_io.load_yaml(os.path.join(model_dir, "config.yaml")).get("data_dir")
     examples = read_examples(data_dir) if data_dir and os.path.isdir(data_dir) else []
@@ -398,6 +400,7 @@ def export_run(
         "backbone": cfg.model.backbone,
         "score_feed": cfg.model.score_feed,
         "dnr": cfg.dnr.enabled,
+        "trained_precision": cfg.train.precision,
         "model_dir": os.path.abspath(model_dir),
     }
     return export_model(

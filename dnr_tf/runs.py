@@ -38,24 +38,32 @@ def load_run(model_dir: str):
     return config_io.from_dict(ExperimentConfig, data), read_vocab(model_dir), schema_lib.load_schema(model_dir)
 
 
-def build_model(cfg: ExperimentConfig, item_vocab, schema, example_features, calibration=None):
+def build_model(cfg: ExperimentConfig, item_vocab, schema, example_features, calibration=None, precision=None):
+    """The DNR model of `cfg`, built and compiled; `precision` overrides `cfg.train.precision`."""
     import keras
 
     from dnr_tf.model import DNRModel
 
     keras.utils.set_random_seed(cfg.train.seed)
-    model = DNRModel(cfg, item_vocab, schema.list_size, calibration=calibration, name="dnr")
-    if cfg.train.weight_decay > 0:
-        optimizer = keras.optimizers.AdamW(cfg.train.learning_rate, weight_decay=cfg.train.weight_decay)
-    else:
-        optimizer = keras.optimizers.Adam(cfg.train.learning_rate)
-    model.compile(optimizer=optimizer)
-    model.build_all(example_features)
+    previous = keras.config.dtype_policy()
+    # The layers take the policy in force when they are made and built; the process's is restored.
+    keras.config.set_dtype_policy(precision or cfg.train.precision)
+    try:
+        model = DNRModel(cfg, item_vocab, schema.list_size, calibration=calibration, name="dnr")
+        if cfg.train.weight_decay > 0:
+            optimizer = keras.optimizers.AdamW(cfg.train.learning_rate, weight_decay=cfg.train.weight_decay)
+        else:
+            optimizer = keras.optimizers.Adam(cfg.train.learning_rate)
+        model.compile(optimizer=optimizer)
+        model.build_all(example_features)
+    finally:
+        keras.config.set_dtype_policy(previous)
     return model
 
 
-def load_trained(model_dir: str):
-    """The DNR model of a run directory, with its best weights; (model, config, schema)."""
+def load_trained(model_dir: str, precision: str | None = None):
+    """The DNR model of a run directory, with its best weights; (model, config, schema). `precision`:
+    the arithmetic's (default: the run's `train.precision`; the weights are float32 either way)."""
     import numpy as np
 
     cfg, vocab, schema = load_run(model_dir)
@@ -74,6 +82,6 @@ def load_trained(model_dir: str):
         with open(os.path.join(model_dir, "calibration.json")) as f:
             c = json.load(f)
         calibration = [c["beta_given_z0"], c["beta_given_z1"]]
-    model = build_model(cfg, vocab, schema, dummy, calibration)
+    model = build_model(cfg, vocab, schema, dummy, calibration, precision)
     model.load_weights(weights)
     return model, cfg, schema

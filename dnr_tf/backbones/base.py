@@ -55,8 +55,16 @@ class ItemEmbedding(keras.layers.Layer):
         return {**super().get_config(), "vocabulary": self.vocabulary, "dim": self.dim}
 
 
+def float32(x):
+    """`x` in float32: a model's outputs under `train.precision: mixed_bfloat16` come in bfloat16, and
+    every loss is computed in float32. A float32 `x` is returned as it is (no op)."""
+    return x if keras.backend.standardize_dtype(x.dtype) == "float32" else ops.cast(x, "float32")
+
+
 def masked_bce(z, logits, mask):
-    """Mean binary cross-entropy over unpadded candidates; z, logits, mask `[batch, list_size]`."""
+    """Mean binary cross-entropy over unpadded candidates; z, logits, mask `[batch, list_size]`
+    (logits in any float type: the loss is float32)."""
+    logits = float32(logits)
     maskf = ops.cast(mask, "float32")
     safe_logits = ops.where(mask, logits, 0.0)
     bce = ops.binary_crossentropy(z, safe_logits, from_logits=True)

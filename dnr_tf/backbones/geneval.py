@@ -26,7 +26,7 @@ import keras
 import tensorflow as tf
 from keras import ops
 
-from dnr_tf.backbones.base import PADDING_LOGIT, CandidateEncoder, masked_bce, masked_mean
+from dnr_tf.backbones.base import PADDING_LOGIT, CandidateEncoder, float32, masked_bce, masked_mean
 from dnr_tf.backbones.prm import PRM
 
 _INFERENCE_SEED = 1234
@@ -54,7 +54,7 @@ class GeneratorEvaluator(keras.layers.Layer):
 
     def _proposals(self, g, mask, count, seed):
         """`[count, batch, k]` candidate indices: the greedy top-K, then Gumbel top-K draws."""
-        logits = ops.where(mask, ops.stop_gradient(g), -1e30)
+        logits = ops.where(mask, float32(ops.stop_gradient(g)), -1e30)  # the Gumbel draws are float32
         k = tf.minimum(self.k, tf.shape(logits)[1])
         out = [tf.math.top_k(logits, k=k).indices]
         for j in range(count - 1):
