@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import collections
+import json
+
+import pytest
 
 from bench.pipeline import write_ml1m_like
 from pipeline.sources.interactions import parse_movielens
@@ -190,3 +193,43 @@ def test_profile_refuses_an_unknown_case_before_any_work(tmp_path, capsys):
         profile.main(["--data_dir", str(tmp_path), "--run_dir", str(tmp_path), "--cases", "serving,bogus"])
     assert "--cases: unknown bogus (known: serving, direct, heuristic, model_based)" in capsys.readouterr().err
     assert not (tmp_path / "bench").exists()
+
+
+def test_precision_rows_summary_pairs_seeds_and_lists():
+    import numpy as np
+
+    from bench.precision_rows import summarize
+
+    rng = np.random.default_rng(0)
+    study = {("a", s): {"per_list_test_ndcg": rng.random(40).tolist()} for s in (0, 1, 2)}
+    per_list = {}
+    for s in (0, 1, 2):
+        values = rng.random(40)
+        per_list[f"fp32_a_s{s}"] = values.tolist()
+        per_list[f"bf16_a_s{s}"] = (values + 0.05).tolist()
+    out = summarize(per_list, study, ["a"], [0, 1, 2], resamples=200)["a"]
+    d = out["mixed_minus_float32"]
+    assert abs(d["mean"] - 0.05) < 1e-12 and abs(d["low"] - 0.05) < 1e-12 and d["p_holm"] < 0.05
+    assert np.allclose(out["per_seed"]["mixed_bfloat16"], np.array(out["per_seed"]["float32"]) + 0.05)
+    study_mean = np.mean([study["a", s]["per_list_test_ndcg"] for s in (0, 1, 2)])
+    assert abs(out["study"]["mean"] - study_mean) < 1e-12
+    assert abs(out["float32_minus_study"]["mean"] - (out["float32"]["mean"] - study_mean)) < 1e-12
+
+
+def test_precision_rows_refuses_a_missing_run_and_other_records_before_any_work(synthetic_data, tmp_path, capsys):
+    from bench.precision_rows import main
+
+    data = str(synthetic_data[0])
+    args = ["--study", str(tmp_path / "study"), "--dataset", "syn", "--rows", "r", "--seeds", "0", "--data_dir", data]
+    args += ["--work_dir", str(tmp_path / "work"), "--output", str(tmp_path / "out.json")]
+    (tmp_path / "study" / "runs").mkdir(parents=True)
+    with pytest.raises(SystemExit):
+        main(args)
+    assert "r__syn__s0/result.json not found" in capsys.readouterr().err
+    run = tmp_path / "study" / "runs" / "r__syn__s0"
+    run.mkdir()
+    (run / "result.json").write_text(json.dumps({"records": "000000000000", "config": {}}))
+    with pytest.raises(SystemExit):
+        main(args)
+    assert "are not the study's (000000000000)" in capsys.readouterr().err
+    assert not (tmp_path / "work").exists() and not (tmp_path / "out.json").exists()
