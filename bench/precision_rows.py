@@ -75,7 +75,7 @@ def summarize(per_list: dict, study: dict, rows: list[str], seeds: list[int], re
     return out
 
 
-def run_all(study: dict, dataset: str, data_dir: str, work_dir: str, rows, seeds) -> dict:
+def run_all(study: dict, data_dir: str, work_dir: str, rows, seeds) -> dict:
     """Trains what is missing and returns the per-list values of every run (kept in work_dir)."""
     from dnr_tf import config_io
     from dnr_tf import schema as schema_lib
@@ -85,7 +85,10 @@ def run_all(study: dict, dataset: str, data_dir: str, work_dir: str, rows, seeds
     from dnr_tf.train import datasets, train
 
     cache = os.path.join(work_dir, "per_list.json")
-    per_list = json.load(open(cache)) if os.path.exists(cache) else {}
+    per_list = {}
+    if os.path.exists(cache):
+        with open(cache) as f:
+            per_list = json.load(f)
     schema = schema_lib.load_schema(data_dir)
     todo = [(p, row, s) for p in PRECISIONS for row in rows for s in seeds]
     for i, (precision, row, seed) in enumerate(todo, 1):
@@ -133,9 +136,9 @@ def main(argv=None) -> int:
             f"--data_dir: its records ({records}) are not the study's ({', '.join(sorted(map(str, recorded)))}): "
             "build the data set as the study's plan does"
         )
-    per_list = run_all(study, args.dataset, args.data_dir, args.work_dir, rows, seeds)
-    result = {"study": args.study, "dataset": args.dataset, "records": records, "rows": {}}
-    result["rows"] = summarize(per_list, study, rows, seeds)
+    per_list = run_all(study, args.data_dir, args.work_dir, rows, seeds)
+    rows_summary = summarize(per_list, study, rows, seeds)
+    result = {"study": args.study, "dataset": args.dataset, "records": records, "rows": rows_summary}
     write_json(args.output, result)
     for row, o in result["rows"].items():
         d = o["mixed_minus_float32"]

@@ -100,14 +100,15 @@ def serving_fns(
     history) makes a new shape. The cluster's weights (and tables) are compiled into it as constants
     when they take at most `freeze_limit_bytes`: an XLA call otherwise reads every weight as an
     argument (37 for PRM), which at one list costs about as much as its arithmetic. Constant folding
-    then sums a few products in another order (scores within about 2e-7 of the unfrozen cluster's).
+    then sums a few products in another order (scores within about 3e-7 of the unfrozen cluster's).
     `predict_lists.frozen_weights` says which was done (False without `jit_compile`).
     """
     import tensorflow as tf
 
     from dnr_tf.backbones.fused import fused_inference, ids_as_rows, item_projection_tables
 
-    tables = item_projection_tables(reranker) if item_tables else {}  # captured: the SavedModel saves them
+    # Captured: the SavedModel saves them (as constants of the compiled ranking when its weights are frozen).
+    tables = item_projection_tables(reranker) if item_tables else {}
     frozen_weights = False
 
     def rank(item_ids, model_ids, retriever_scores, history):
@@ -245,7 +246,7 @@ def serving_fns(
         history = parsed[S.HISTORY].to_tensor(default_value=S.PADDING_ID)
         return predict(item_ids, scores, history)
 
-    predict_lists.frozen_weights = bool(jit_compile and frozen_weights)
+    predict_lists.frozen_weights = frozen_weights
     return predict_lists, serve_examples
 
 
@@ -289,6 +290,13 @@ def export_model(
         raise ValueError(
             f"not exported: the reranker has non-finite weights ({', '.join(bad[:5])}); a model with NaN or inf "
             "weights would answer NaN scores"
+        )
+    layers = model.reranker._flatten_layers()
+    mixed = sorted({x.dtype_policy.name for x in layers if x.dtype_policy.compute_dtype in ("bfloat16", "float16")})
+    if mixed:
+        raise ValueError(
+            f"not exported: the reranker computes under {', '.join(mixed)}; the export serves float32 scores: "
+            "build it in float32 (dnr_tf.runs.load_trained(model_dir, precision='float32'), as export_run does)"
         )
     version = next_version(export_dir) if version is None else version
     final = os.path.join(export_dir, str(version))

@@ -268,7 +268,16 @@ class DNRModel(keras.Model):
         super().load_own_variables(store)
 
     def call(self, features, training=False):
+        return self._rerank(features, training)
+
+    # Every reranker and generator output goes through these two: under `train.precision:
+    # mixed_bfloat16` the sub-models compute in bfloat16, and their outputs (logits, x') enter the
+    # losses, the metrics and each other in float32 (a float32 output passes as it is).
+    def _rerank(self, features, training):
         return float32(self.reranker(features, training=training))
+
+    def _generate(self, features, z, seed, training):
+        return float32(self.generator(features, z, seed=seed, training=training))
 
     @property
     def metrics(self):
@@ -297,7 +306,7 @@ class DNRModel(keras.Model):
         default; callbacks pass their own so that they never move the training's random state)."""
         seed = self.noise_seed if seed is None else seed
         if self._model_phase:
-            return float32(self.generator(features, z, seed=seed, training=training))
+            return self._generate(features, z, seed, training)
         return self.heuristic(z, seed)
 
     # --- steps -----------------------------------------------------------------------------------
@@ -311,25 +320,25 @@ class DNRModel(keras.Model):
         """
         fake = {**features, S.RETRIEVER_SCORES: x_fake}
         if not self.cfg.train.fused_step:
-            return float32(self.reranker(features, training=training)), float32(self.reranker(fake, training=training))
+            return self._rerank(features, training), self._rerank(fake, training)
         n = ops.shape(x_fake)[0]
         stacked = {key: ops.concatenate([features[key], fake[key]], axis=0) for key in features}
-        logits = float32(self.reranker(stacked, training=training))
+        logits = self._rerank(stacked, training)
         return logits[:n], logits[n:]
 
     def _reranker_losses(self, features, labels, training):
         """L_direct, L_z and the reranker's logits on the real x (x' from the active sampler)."""
         mask, z = targets(labels)
         if not self.cfg.dnr.enabled:
-            logits = float32(self.reranker(features, training=training))
+            logits = self._rerank(features, training)
             return masked_bce(z, logits, mask), ops.zeros(()), logits, mask, z
         x_fake = ops.stop_gradient(self.sample_x(features, z))
         logits, fake_logits = self._reranker_pair(features, x_fake, training)
         return masked_bce(z, logits, mask), masked_bce(z, fake_logits, mask), logits, mask, z
 
     def _generator_losses(self, features, z, mask):
-        x_fake = float32(self.generator(features, z, seed=self.noise_seed, training=True))
-        logits = float32(self.reranker({**features, S.RETRIEVER_SCORES: x_fake}, training=False))
+        x_fake = self._generate(features, z, self.noise_seed, training=True)
+        logits = self._rerank({**features, S.RETRIEVER_SCORES: x_fake}, training=False)
         l_adv = -masked_bce(z, logits, mask)
         dnr = self.cfg.dnr
         l_x = x_regulariser(features[S.RETRIEVER_SCORES], x_fake, mask, dnr.x_reg)
@@ -358,7 +367,7 @@ class DNRModel(keras.Model):
         with tf.GradientTape() as tape:
             if simultaneous:
                 mask, z = targets(labels)
-                x_gen = float32(self.generator(features, z, seed=self.noise_seed, training=True))
+                x_gen = self._generate(features, z, self.noise_seed, training=True)
                 x_fake = reverse_gradient(x_gen, -1.0 / dnr.lambda_m if dnr.use_adv else 0.0)
                 logits, fake_logits = self._reranker_pair(features, x_fake, training=True)
                 l_direct, l_z = masked_bce(z, logits, mask), masked_bce(z, fake_logits, mask)
@@ -480,7 +489,7 @@ class DNRModel(keras.Model):
         target = ops.stop_gradient(self.heuristic(z, seed))
         variables = self.generator.trainable_variables
         with tf.GradientTape() as tape:
-            gap = quantile_gap(float32(self.generator(features, z, seed=seed, training=True)), target, mask, z)
+            gap = quantile_gap(self._generate(features, z, seed, training=True), target, mask, z)
         grads = dense_gradients(tape.gradient(gap, variables))
         self.warmup_optimizer.apply(grads, variables)
         self.warmup_done.assign_add(1)

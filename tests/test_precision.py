@@ -105,6 +105,16 @@ def test_the_export_of_a_mixed_run_serves_its_weights_in_float32(mixed_run):
     expected = np.where(features[S.ITEM_IDS].numpy() != 0, 1 / (1 + np.exp(-logits)), 0.0)
     np.testing.assert_allclose(served, expected, atol=1e-5)
 
+    # The model itself, as built for its run (bfloat16 arithmetic), is refused before anything is written:
+    # its scores would come out in bfloat16.
+    from dnr_tf.export import export_model
+
+    mixed, _, schema = load_trained(os.fspath(mixed_run["run"]))
+    out = mixed_run["tmp"] / "refused"
+    with pytest.raises(ValueError, match=r"^not exported: the reranker computes under mixed_bfloat16"):
+        export_model(mixed, os.fspath(out), 6, schema.list_size, history_len=schema.history_len)
+    assert not out.exists()
+
 
 def test_an_unknown_precision_is_refused_naming_the_key(synthetic_data, tmp_path, capsys):
     from dnr_tf.train import main
