@@ -130,14 +130,15 @@ def interleaved(fns: dict, calls: int, warmup: int = 50) -> dict:
             start = time.perf_counter()
             fn()
             times[name][i] = time.perf_counter() - start
-    out = {}
-    for name, t in times.items():
-        ms = 1e3 * t
-        row = {f"p{q}": float(np.percentile(ms, q)) for q in (50, 90, 99, 99.9)}
-        row["max"] = float(ms.max())
-        row["over_twice_p50"] = int(np.sum(ms > 2 * row["p50"]))
-        out[name] = row
-    return out
+    return {name: latency_row(1e3 * t) for name, t in times.items()}
+
+
+def latency_row(ms: np.ndarray) -> dict:
+    """p50 to p99.9 and the maximum of call times in ms, with the count of calls over twice the median."""
+    row = {f"p{q}": float(np.percentile(ms, q)) for q in (50, 90, 99, 99.9)}
+    row["max"] = float(ms.max())
+    row["over_twice_p50"] = int(np.sum(ms > 2 * row["p50"]))
+    return row
 
 
 def _parse_only():
@@ -160,6 +161,13 @@ def empty_signature(k: int = 6):
     """
     import tempfile
 
+    with tempfile.TemporaryDirectory() as path:
+        save_empty_signature(path, k)
+        return tf.saved_model.load(path).signatures["predict_lists"]
+
+
+def save_empty_signature(path: str, k: int = 6) -> None:
+    """Saves at `path` the SavedModel of `empty_signature` (its `predict_lists` computes nothing)."""
     ids, scores = tf.TensorSpec([None, None], tf.int64), tf.TensorSpec([None, None], tf.float32)
 
     class Empty(tf.Module):
@@ -169,9 +177,7 @@ def empty_signature(k: int = 6):
             return {"scores": retriever_scores, "top_k_item_ids": top, "top_k_indices": tf.cast(top, tf.int32)}
 
     module = Empty()
-    with tempfile.TemporaryDirectory() as path:
-        tf.saved_model.save(module, path, signatures={"predict_lists": module.predict_lists})
-        return tf.saved_model.load(path).signatures["predict_lists"]
+    tf.saved_model.save(module, path, signatures={"predict_lists": module.predict_lists})
 
 
 def _rate(call, batch: int, seconds: float) -> float:
