@@ -1,6 +1,6 @@
 /* One request through TensorFlow's C API, as a C++ model server calls a SavedModel: no Python.
  *
- *   serving MANIFEST ROUNDS BLOCK BLOCK_WARMUP WARMUP TIMES_OUT OUTPUTS_DIR
+ *   serving LIBTENSORFLOW_CC MANIFEST ROUNDS BLOCK BLOCK_WARMUP WARMUP TIMES_OUT OUTPUTS_DIR
  *
  * Built and driven by `python -m bench.serving_c_api`, which writes MANIFEST and the inputs.
  * MANIFEST holds cases, each a signature of a SavedModel and one request's inputs:
@@ -19,8 +19,13 @@
  * after case, ROUNDS x BLOCK each). Then every case runs once more and
  * OUTPUTS_DIR/<case>.<k> gets its k-th output's raw values, so that the caller can check that this
  * path computes what the Python signature does. Errors: one line on stderr, exit status 1.
+ *
+ * TensorFlow's C API is loaded at run time from LIBTENSORFLOW_CC (the installed wheel's
+ * libtensorflow_cc.so.2) rather than linked: linking against it reads its million symbols and takes
+ * seconds, loading it is what the process does anyway.
  */
-#define _POSIX_C_SOURCE 200809L
+#define _GNU_SOURCE
+#include <dlfcn.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -29,6 +34,16 @@
 
 #include "tensorflow/c/c_api.h"
 #include "tensorflow/c/tf_tstring.h"
+
+/* The C API's functions this program calls, resolved from the library by `load_tensorflow`. */
+#define TF_FUNCTIONS(X)                                                                                  \
+  X(TF_AllocateTensor) X(TF_CloseSession) X(TF_DataTypeSize) X(TF_DeleteGraph) X(TF_DeleteSession)      \
+  X(TF_DeleteSessionOptions) X(TF_DeleteStatus) X(TF_DeleteTensor) X(TF_GetCode)                        \
+  X(TF_GraphOperationByName) X(TF_LoadSessionFromSavedModel) X(TF_Message) X(TF_NewGraph)               \
+  X(TF_NewSessionOptions) X(TF_NewStatus) X(TF_SessionRun) X(TF_StringCopy) X(TF_StringInit)            \
+  X(TF_TensorByteSize) X(TF_TensorData) X(TF_TensorType)
+#define DECLARE(name) static __typeof__(&name) p_##name;
+TF_FUNCTIONS(DECLARE)
 
 #define MAX_CASES 16
 #define MAX_IO 8
@@ -55,8 +70,16 @@ static void die(const char *what, const char *detail) {
   exit(1);
 }
 
+static void load_tensorflow(const char *library) {
+  void *lib = dlopen(library, RTLD_NOW | RTLD_GLOBAL);
+  if (!lib) die("cannot load TensorFlow's C API", dlerror());
+#define RESOLVE(name) \
+  if (!(p_##name = (__typeof__(p_##name))dlsym(lib, #name))) die("TensorFlow's library lacks", #name);
+  TF_FUNCTIONS(RESOLVE)
+}
+
 static void check(TF_Status *status, const char *what) {
-  if (TF_GetCode(status) != TF_OK) die(what, TF_Message(status));
+  if (p_TF_GetCode(status) != TF_OK) die(what, p_TF_Message(status));
 }
 
 static int64_t now_ns(void) {
@@ -73,7 +96,7 @@ static TF_Output find(TF_Graph *graph, const char *tensor) {
   if (len >= sizeof op) die("tensor name too long", tensor);
   memcpy(op, tensor, len);
   op[len] = 0;
-  TF_Operation *oper = TF_GraphOperationByName(graph, op);
+  TF_Operation *oper = p_TF_GraphOperationByName(graph, op);
   if (!oper) die("no such tensor in the SavedModel's graph", tensor);
   TF_Output out = {oper, colon ? atoi(colon + 1) : 0};
   return out;
@@ -99,8 +122,8 @@ static TF_Tensor *make_tensor(int dtype, int ndims, const int64_t *dims, const c
   for (int d = 0; d < ndims; d++) count *= dims[d];
   TF_Tensor *t;
   if (dtype == TF_STRING) {
-    t = TF_AllocateTensor(TF_STRING, dims, ndims, (size_t)count * sizeof(TF_TString));
-    TF_TString *s = (TF_TString *)TF_TensorData(t);
+    t = p_TF_AllocateTensor(TF_STRING, dims, ndims, (size_t)count * sizeof(TF_TString));
+    TF_TString *s = (TF_TString *)p_TF_TensorData(t);
     size_t at = 0;
     for (int64_t i = 0; i < count; i++) {
       uint64_t len;
@@ -108,15 +131,15 @@ static TF_Tensor *make_tensor(int dtype, int ndims, const int64_t *dims, const c
       memcpy(&len, data + at, sizeof len);
       at += sizeof len;
       if (at + len > size) die("string input shorter than its lengths", path);
-      TF_StringInit(&s[i]);
-      TF_StringCopy(&s[i], (const char *)data + at, len);
+      p_TF_StringInit(&s[i]);
+      p_TF_StringCopy(&s[i], (const char *)data + at, len);
       at += len;
     }
   } else {
-    size_t bytes = (size_t)count * TF_DataTypeSize((TF_DataType)dtype);
+    size_t bytes = (size_t)count * p_TF_DataTypeSize((TF_DataType)dtype);
     if (bytes != size) die("input file's size does not match its shape and dtype", path);
-    t = TF_AllocateTensor((TF_DataType)dtype, dims, ndims, bytes);
-    memcpy(TF_TensorData(t), data, bytes);
+    t = p_TF_AllocateTensor((TF_DataType)dtype, dims, ndims, bytes);
+    memcpy(p_TF_TensorData(t), data, bytes);
   }
   free(data);
   return t;
@@ -165,30 +188,33 @@ static int read_manifest(const char *path, Case *cases, Export *exports, int *n_
 }
 
 static void run_case(Case *c, Export *e, TF_Status *status, TF_Tensor **outputs) {
-  TF_SessionRun(e->session, NULL, c->in, c->in_values, c->n_in, c->out, outputs, c->n_out, NULL, 0, NULL,
+  p_TF_SessionRun(e->session, NULL, c->in, c->in_values, c->n_in, c->out, outputs, c->n_out, NULL, 0, NULL,
                 status);
   check(status, c->name);
 }
 
 int main(int argc, char **argv) {
-  if (argc != 8) die("usage", "serving MANIFEST ROUNDS BLOCK BLOCK_WARMUP WARMUP TIMES_OUT OUTPUTS_DIR");
+  if (argc != 9)
+    die("usage", "serving LIBTENSORFLOW_CC MANIFEST ROUNDS BLOCK BLOCK_WARMUP WARMUP TIMES_OUT OUTPUTS_DIR");
+  const char *library = argv[1], *manifest = argv[2], *times_out = argv[7], *outputs_dir = argv[8];
+  load_tensorflow(library);
   static Case cases[MAX_CASES];
   static Export exports[MAX_CASES];
   int n_exports = 0;
-  int n = read_manifest(argv[1], cases, exports, &n_exports);
-  long rounds = atol(argv[2]), block = atol(argv[3]), block_warmup = atol(argv[4]), warmup = atol(argv[5]);
+  int n = read_manifest(manifest, cases, exports, &n_exports);
+  long rounds = atol(argv[3]), block = atol(argv[4]), block_warmup = atol(argv[5]), warmup = atol(argv[6]);
   long calls = rounds * block;
-  if (n == 0 || rounds < 1 || block < 1 || block_warmup < 0 || warmup < 0) die("nothing to time", argv[1]);
+  if (n == 0 || rounds < 1 || block < 1 || block_warmup < 0 || warmup < 0) die("nothing to time", manifest);
 
-  TF_Status *status = TF_NewStatus();
+  TF_Status *status = p_TF_NewStatus();
   const char *tags[] = {"serve"};
   for (int e = 0; e < n_exports; e++) {
-    TF_SessionOptions *options = TF_NewSessionOptions();
-    exports[e].graph = TF_NewGraph();
+    TF_SessionOptions *options = p_TF_NewSessionOptions();
+    exports[e].graph = p_TF_NewGraph();
     exports[e].session =
-        TF_LoadSessionFromSavedModel(options, NULL, exports[e].dir, tags, 1, exports[e].graph, NULL, status);
+        p_TF_LoadSessionFromSavedModel(options, NULL, exports[e].dir, tags, 1, exports[e].graph, NULL, status);
     check(status, exports[e].dir);
-    TF_DeleteSessionOptions(options);
+    p_TF_DeleteSessionOptions(options);
   }
   for (int i = 0; i < n; i++) {
     Case *c = &cases[i];
@@ -200,47 +226,47 @@ int main(int argc, char **argv) {
   for (int i = 0; i < n; i++)
     for (long w = 0; w < warmup; w++) {
       run_case(&cases[i], &exports[cases[i].session], status, outputs);
-      for (int k = 0; k < cases[i].n_out; k++) TF_DeleteTensor(outputs[k]);
+      for (int k = 0; k < cases[i].n_out; k++) p_TF_DeleteTensor(outputs[k]);
     }
   int64_t *times = malloc(sizeof(int64_t) * (size_t)n * (size_t)calls);
   for (long r = 0; r < rounds; r++)
     for (int i = 0; i < n; i++) {
       for (long w = 0; w < block_warmup; w++) {
         run_case(&cases[i], &exports[cases[i].session], status, outputs);
-        for (int k = 0; k < cases[i].n_out; k++) TF_DeleteTensor(outputs[k]);
+        for (int k = 0; k < cases[i].n_out; k++) p_TF_DeleteTensor(outputs[k]);
       }
       for (long b = 0; b < block; b++) {
         int64_t start = now_ns();
         run_case(&cases[i], &exports[cases[i].session], status, outputs);
-        for (int k = 0; k < cases[i].n_out; k++) TF_DeleteTensor(outputs[k]);
+        for (int k = 0; k < cases[i].n_out; k++) p_TF_DeleteTensor(outputs[k]);
         times[(size_t)i * (size_t)calls + (size_t)(r * block + b)] = now_ns() - start;
       }
     }
-  FILE *f = fopen(argv[6], "wb");
+  FILE *f = fopen(times_out, "wb");
   if (!f || fwrite(times, sizeof(int64_t), (size_t)n * (size_t)calls, f) != (size_t)n * (size_t)calls)
-    die("cannot write", argv[6]);
+    die("cannot write", times_out);
   fclose(f);
 
   char path[8192];
   for (int i = 0; i < n; i++) {
     run_case(&cases[i], &exports[cases[i].session], status, outputs);
     for (int k = 0; k < cases[i].n_out; k++) {
-      if (snprintf(path, sizeof path, "%s/%s.%d", argv[7], cases[i].name, k) >= (int)sizeof path)
-        die("output path too long", argv[7]);
+      if (snprintf(path, sizeof path, "%s/%s.%d", outputs_dir, cases[i].name, k) >= (int)sizeof path)
+        die("output path too long", outputs_dir);
       FILE *o = fopen(path, "wb");
       if (!o) die("cannot write", path);
-      if (TF_TensorType(outputs[k]) != TF_STRING)
-        fwrite(TF_TensorData(outputs[k]), 1, TF_TensorByteSize(outputs[k]), o);
+      if (p_TF_TensorType(outputs[k]) != TF_STRING)
+        fwrite(p_TF_TensorData(outputs[k]), 1, p_TF_TensorByteSize(outputs[k]), o);
       fclose(o);
-      TF_DeleteTensor(outputs[k]);
+      p_TF_DeleteTensor(outputs[k]);
     }
   }
   for (int e = 0; e < n_exports; e++) {
-    TF_CloseSession(exports[e].session, status);
-    TF_DeleteSession(exports[e].session, status);
-    TF_DeleteGraph(exports[e].graph);
+    p_TF_CloseSession(exports[e].session, status);
+    p_TF_DeleteSession(exports[e].session, status);
+    p_TF_DeleteGraph(exports[e].graph);
   }
-  TF_DeleteStatus(status);
+  p_TF_DeleteStatus(status);
   free(times);
   return 0;
 }
