@@ -55,8 +55,22 @@ _LISTS = {
 }
 
 
+def test_record_files(data_dir: str) -> list[str]:
+    """The test records of a pipeline output, the requests of the serving benchmarks."""
+    return sorted(glob.glob(os.path.join(data_dir, "test-*.tfrecord.gz")))
+
+
+def check_inputs(parser, model: str, data_dir: str, compare_model: str | None = None) -> None:
+    """`parser.error` (one line, before any work) for a missing export or a data_dir without test records."""
+    for path, flag in ((model, "--model"), (compare_model, "--compare_model")):
+        if path is not None and not os.path.exists(os.path.join(path, "saved_model.pb")):
+            parser.error(f"{flag}: no saved_model.pb in {path} (give saved_models/<name>/<version>)")
+    if not test_record_files(data_dir):
+        parser.error(f"--data_dir: no test-*.tfrecord.gz in {data_dir} (a pipeline output)")
+
+
 def _records(data_dir: str, n: int) -> list[bytes]:
-    files = sorted(glob.glob(os.path.join(data_dir, "test-*.tfrecord.gz")))
+    files = test_record_files(data_dir)
     ds = tf.data.TFRecordDataset(files, compression_type="GZIP").repeat().take(n)
     return [bytes(x.numpy()) for x in ds]
 
@@ -395,6 +409,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.repeats < 1 or (args.repeats > 1 and not args.compare_model):
         parser.error("--repeats: at least 1, and more than 1 only with --compare_model")
+    check_inputs(parser, args.model, args.data_dir, args.compare_model)
     calls, seconds, peak_size = (300, 1.0, (1024, 0.6)) if args.quick else (2000, 5.0, (2048, 2.0))
     result = run(
         args.model,

@@ -37,7 +37,7 @@ import subprocess
 import sys
 import tempfile
 
-from bench import require_paths, spread, write_json
+from bench import spread, write_json
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before TensorFlow loads (dnr_tf.quiet)
 from dnr_tf import quiet  # noqa: E402
@@ -280,9 +280,7 @@ def main(argv=None) -> int:
         parser.error("--calls: at least 1")
     if args.block < 1:
         parser.error("--block: at least 1")
-    require_paths(parser, [(os.path.join(args.model, "saved_model.pb"), "--model"), (args.data_dir, "--data_dir")])
-    if args.compare_model:
-        require_paths(parser, [(os.path.join(args.compare_model, "saved_model.pb"), "--compare_model")])
+    serving.check_inputs(parser, args.model, args.data_dir, args.compare_model)
     if shutil.which(compiler()) is None:
         parser.error(f"no C compiler {compiler()!r} on PATH (set $CC)")
     calls = args.calls or (500 if args.quick else 5000)

@@ -59,11 +59,16 @@ def test_the_output_check_fails_when_the_c_process_computed_something_else(smoke
 
 
 def test_the_c_api_bench_refuses_bad_arguments_before_any_work(tmp_path, capsys):
-    from bench import serving_c_api
+    from bench import serving, serving_c_api
 
     with pytest.raises(SystemExit):
         serving_c_api.main(["--model", str(tmp_path / "missing"), "--data_dir", str(tmp_path)])
-    assert "--model" in capsys.readouterr().err
+    assert "--model: no saved_model.pb in" in capsys.readouterr().err
+    (tmp_path / "saved_model.pb").write_bytes(b"")
+    for main in (serving_c_api.main, serving.main):  # a folder without test records: both benchmarks
+        with pytest.raises(SystemExit):
+            main(["--model", str(tmp_path), "--data_dir", str(tmp_path)])
+        assert "--data_dir: no test-*.tfrecord.gz in" in capsys.readouterr().err
     for flag in ("--block", "--repeats", "--calls"):
         with pytest.raises(SystemExit):
             serving_c_api.main(["--model", str(tmp_path), "--data_dir", str(tmp_path), flag, "0"])
