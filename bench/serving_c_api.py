@@ -13,10 +13,10 @@ test record in a process without Python: each export loaded with `TF_LoadSession
 built once, then `TF_SessionRun` of each case: `predict_lists` (dense tensors) and
 `serving_default` (a serialized tf.Example) of `--model` and of `--compare_model`, and a SavedModel
 whose `predict_lists` computes nothing (`empty_signature`: the floor of a session run from C). The
-cases take turns in rounds of `--block` timed calls each, after 5 untimed ones (the case's weights
-back in the caches after the other cases' calls, as in a server that serves one model), so that a
-slow spell of the VM hits each case alike; `--block 1` calls them in turn call by call, untimed
-calls left out (each call then follows the other cases' and finds the caches cold). What TF
+cases take turns in rounds of `--block` timed calls each, after 5 untimed ones (`--block_warmup`:
+the case's weights back in the caches after the other cases' calls, as in a server that serves one
+model), so that a slow spell of the VM hits each case alike; `--block 1` calls them in turn call by
+call, untimed calls left out (each call then follows the other cases' and finds the caches cold). What TF
 Serving adds around the session run (the gRPC or REST request, its conversion to tensors and back)
 is not included.
 
@@ -137,13 +137,25 @@ def write_manifest(work: str, case_list, request: dict) -> dict:
     return outputs
 
 
+def default_block_warmup(block: int) -> int:
+    """Untimed calls at the start of each block: none when the cases are called in turn call by call."""
+    return BLOCK_WARMUP if block > 1 else 0
+
+
 def run_c(
-    binary: str, work: str, n_cases: int, calls: int, warmup: int, block: int, verbose: bool = False
+    binary: str,
+    work: str,
+    n_cases: int,
+    calls: int,
+    warmup: int,
+    block: int,
+    verbose: bool = False,
+    block_warmup: int | None = None,
 ) -> np.ndarray:
-    """Runs the C benchmark once, in rounds of `block` calls a case; returns `[n_cases, calls]` call
-    times in ms (`calls` rounded up to whole rounds)."""
+    """Runs the C benchmark once, in rounds of `block` calls a case (each after `block_warmup` untimed
+    ones); returns `[n_cases, calls]` call times in ms (`calls` rounded up to whole rounds)."""
     rounds = -(-calls // block)
-    block_warmup = BLOCK_WARMUP if block > 1 else 0
+    block_warmup = default_block_warmup(block) if block_warmup is None else block_warmup
     times, out_dir = os.path.join(work, "times"), os.path.join(work, "outputs")
     os.makedirs(out_dir, exist_ok=True)
     env = dict(os.environ)
@@ -209,6 +221,7 @@ def run(
     verbose: bool = False,
     block: int = 250,
     binary: str | None = None,
+    block_warmup: int | None = None,
 ) -> dict:
     """Times one request through the C API (see the module doc). `binary`: an already built
     `bench/c_api/serving.c` (`build`); by default it is compiled for this run."""
@@ -221,7 +234,7 @@ def run(
         "calls": -(-calls // block) * block,
         "warmup": warmup,
         "block": block,
-        "block_warmup": BLOCK_WARMUP if block > 1 else 0,
+        "block_warmup": default_block_warmup(block) if block_warmup is None else block_warmup,
         "machine": {
             "platform": platform.platform(),
             "processor": platform.processor(),
@@ -238,7 +251,7 @@ def run(
         outputs = write_manifest(work, case_list, request)
         runs = []
         for r in range(repeats):
-            ms = run_c(binary, work, len(case_list), calls, warmup, block, verbose)
+            ms = run_c(binary, work, len(case_list), calls, warmup, block, verbose, block_warmup)
             runs.append({name: serving.latency_row(ms[i]) for i, (name, _, _) in enumerate(case_list)})
             print(f"  C API run {r + 1}/{repeats} done", file=sys.stderr, flush=True)
         result["outputs_match_python"] = check_outputs(work, case_list, outputs, request)
@@ -271,6 +284,11 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--block", type=int, default=250, help="timed calls of a case in each of its turns (1: call by call)"
     )
+    parser.add_argument(
+        "--block_warmup",
+        type=int,
+        help=f"untimed calls of a case before each of its blocks (default {BLOCK_WARMUP}; 0 with --block 1)",
+    )
     parser.add_argument("--output", default="bench/results/serving_c_api.json")
     parser.add_argument("--quick", action="store_true", help="a run under a minute")
     args = parser.parse_args(argv)
@@ -280,6 +298,8 @@ def main(argv=None) -> int:
         parser.error("--calls: at least 1")
     if args.block < 1:
         parser.error("--block: at least 1")
+    if args.block_warmup is not None and args.block_warmup < 0:
+        parser.error("--block_warmup: at least 0")
     serving.check_inputs(parser, args.model, args.data_dir, args.compare_model)
     if shutil.which(compiler()) is None:
         parser.error(f"no C compiler {compiler()!r} on PATH (set $CC)")
@@ -296,6 +316,7 @@ def main(argv=None) -> int:
             peak_size,
             args.verbose,
             min(args.block, calls),
+            block_warmup=args.block_warmup,
         )
     except (RuntimeError, ValueError) as e:
         print(f"python -m bench.serving_c_api: error: {e}", file=sys.stderr)

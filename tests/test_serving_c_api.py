@@ -69,7 +69,7 @@ def test_the_c_api_bench_refuses_bad_arguments_before_any_work(tmp_path, capsys)
         with pytest.raises(SystemExit):
             main(["--model", str(tmp_path), "--data_dir", str(tmp_path)])
         assert "--data_dir: no test-*.tfrecord.gz in" in capsys.readouterr().err
-    for flag in ("--block", "--repeats", "--calls"):
+    for flag, value in (("--block", "0"), ("--repeats", "0"), ("--calls", "0"), ("--block_warmup", "-1")):
         with pytest.raises(SystemExit):
-            serving_c_api.main(["--model", str(tmp_path), "--data_dir", str(tmp_path), flag, "0"])
+            serving_c_api.main(["--model", str(tmp_path), "--data_dir", str(tmp_path), flag, value])
         assert flag in capsys.readouterr().err
