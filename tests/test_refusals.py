@@ -392,3 +392,15 @@ def test_training_names_a_corrupt_tfrecord(tmp_path, capsys):
     assert main(argv) == 2
     line = _one_line_error(capsys)
     assert f"{path} is corrupt" in line, line
+
+
+def test_the_multi_threaded_direct_runner_is_refused_before_work(tmp_path, capsys):
+    """Beam's DirectRunner in `multi_threading` mode lost users in this pipeline's k-core (docs/scaling.md)."""
+    from pipeline.run import main
+
+    out = tmp_path / "out"
+    args = ["--output_dir", str(out), "--set", "synthetic.num_users=20", "--direct_num_workers", "2"]
+    assert main([*args, "--direct_running_mode", "multi_threading"]) == 2
+    line = _one_line_error(capsys)
+    assert "--direct_running_mode multi_threading" in line and "multi_processing" in line
+    assert not out.exists()
