@@ -55,7 +55,7 @@ _LISTS = {
 }
 
 
-def test_record_files(data_dir: str) -> list[str]:
+def request_files(data_dir: str) -> list[str]:
     """The test records of a pipeline output, the requests of the serving benchmarks."""
     return sorted(glob.glob(os.path.join(data_dir, "test-*.tfrecord.gz")))
 
@@ -65,12 +65,12 @@ def check_inputs(parser, model: str, data_dir: str, compare_model: str | None = 
     for path, flag in ((model, "--model"), (compare_model, "--compare_model")):
         if path is not None and not os.path.exists(os.path.join(path, "saved_model.pb")):
             parser.error(f"{flag}: no saved_model.pb in {path} (give saved_models/<name>/<version>)")
-    if not test_record_files(data_dir):
+    if not request_files(data_dir):
         parser.error(f"--data_dir: no test-*.tfrecord.gz in {data_dir} (a pipeline output)")
 
 
 def _records(data_dir: str, n: int) -> list[bytes]:
-    files = test_record_files(data_dir)
+    files = request_files(data_dir)
     ds = tf.data.TFRecordDataset(files, compression_type="GZIP").repeat().take(n)
     return [bytes(x.numpy()) for x in ds]
 

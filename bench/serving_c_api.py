@@ -226,15 +226,17 @@ def run(
     """Times one request through the C API (see the module doc). `binary`: an already built
     `bench/c_api/serving.c` (`build`); by default it is compiled for this run."""
     exports = {"model": model, **({"compare_model": compare_model} if compare_model else {})}
+    calls = -(-calls // block) * block  # whole rounds of `block` calls
+    block_warmup = default_block_warmup(block) if block_warmup is None else block_warmup
     request = requests(data_dir)
     result = {
         "model": os.path.abspath(model),
         **({"compare_model": os.path.abspath(compare_model)} if compare_model else {}),
         "candidates": int(request["predict_lists"]["item_ids"].shape[1]),
-        "calls": -(-calls // block) * block,
+        "calls": calls,
         "warmup": warmup,
         "block": block,
-        "block_warmup": default_block_warmup(block) if block_warmup is None else block_warmup,
+        "block_warmup": block_warmup,
         "machine": {
             "platform": platform.platform(),
             "processor": platform.processor(),

@@ -65,10 +65,11 @@ def check_beam_args(beam_args: list[str] | None) -> None:
     """Refuses, before any work, the Beam options under which this pipeline's data was seen to go wrong.
 
     The DirectRunner's `multi_threading` mode (Beam 2.77) lost users in the k-core of an ML-1M-size
-    input (49,720 lists became 48,730 in one run; 75 of 6,000 users gone, and 9 in another) and crashed in others ("Invalid PaneInfoEncoding", "Error decoding input stream"); a
-    pipeline of Beam alone (docs/scaling/beam_multi_threading_repro.py) crashed the same way in that
-    mode and not in one process (docs/scaling.md). One worker, or `multi_processing`, gives the same
-    records run after run.
+    input (49,720 lists became 48,730 in one run; 75 of 6,000 users gone, and 9 in another) and
+    crashed in others ("Invalid PaneInfoEncoding", "Error decoding input stream"); a pipeline of Beam
+    alone (docs/scaling/beam_multi_threading_repro.py) crashed the same way in that mode and not in
+    one process (docs/scaling.md). One worker, or `multi_processing`, gives the same records run
+    after run.
     """
     from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions
 
