@@ -23,8 +23,9 @@ alternating with the export, to check that the export is not slower. With `--com
 (another export of the same reranker, e.g. `dnr_tf.export --jit_compile`), both exports are timed
 in alternating rounds on the same requests (`exports_side_by_side`: one-request percentiles over
 the pooled rounds, throughput as the median of the rounds, and the ratio of the second to the first);
-`--repeats N` runs that comparison N times and gives each ratio's min, median and max
-(`exports_side_by_side_repeats`), since this VM's speed moves from one run to the next.
+`--repeats N` runs that comparison N times and gives each ratio's min, median and max, and each
+export's one-request p50 and p99 in ms (`exports_side_by_side_repeats`), since this VM's speed
+moves from one run to the next.
 """
 
 from __future__ import annotations
@@ -301,6 +302,19 @@ def summarize_repeats(speedups: list[dict]) -> dict:
     }
 
 
+def summarize_latencies(singles: list[dict]) -> dict:
+    """min, median and max of each export's one-request p50 and p99 (ms) over repeated side-by-side
+    runs (their `single_request_ms` dicts: signature -> export -> percentile)."""
+    first = singles[0]
+    return {
+        sig: {
+            name: {q: spread([s[sig][name][q] for s in singles]) for q in first[sig][name]}
+            for name in first[sig]
+        }
+        for sig in first
+    }
+
+
 def run(
     model: str,
     data_dir: str,
@@ -382,13 +396,25 @@ def run(
         result["peak_after"] = peak_lib.measure(*peak_size)
         if repeats > 1:
             key = "speedup_compare_model_over_model"
-            runs = [{"peak_after": result["peak_after"], key: result["exports_side_by_side"][key]}]
+            first = result["exports_side_by_side"]
+            runs = [
+                {"peak_after": result["peak_after"], "single_request_ms": first["single_request_ms"], key: first[key]}
+            ]
             for _ in range(repeats - 1):
                 again = side_by_side(pair, records, batches, calls, seconds)
-                runs.append({"peak_after": peak_lib.measure(*peak_size), key: again[key]})
+                runs.append(
+                    {
+                        "peak_after": peak_lib.measure(*peak_size),
+                        "single_request_ms": again["single_request_ms"],
+                        key: again[key],
+                    }
+                )
             result["exports_side_by_side_repeats"] = {
                 "runs": runs,
-                "summary": summarize_repeats([r[key] for r in runs]),
+                "summary": {
+                    **summarize_repeats([r[key] for r in runs]),
+                    "single_request_ms": summarize_latencies([r["single_request_ms"] for r in runs]),
+                },
             }
     return result
 
@@ -478,6 +504,13 @@ def main(argv=None) -> int:
                 f"{sig} {row[sig]['min']:.2f} / {row[sig]['median']:.2f} / {row[sig]['max']:.2f}x" for sig in row
             )
             print(f"  batch {batch:>4s}: {cells}")
+        for sig, row in summary["single_request_ms"].items():
+            cells = "   ".join(
+                f"{name} {row[name]['p99']['min']:.2f} / {row[name]['p99']['median']:.2f} / "
+                f"{row[name]['p99']['max']:.2f}"
+                for name in row
+            )
+            print(f"  one request's p99 (ms), {sig:16s} {cells}")
     print(f"written to {args.output}")
     return 0
 

@@ -133,6 +133,25 @@ def test_repeated_side_by_side_runs_are_summarised_per_ratio():
     assert out["single_request_p99"]["predict_lists"]["max"] == 4.5
 
 
+def test_repeated_side_by_side_runs_keep_each_exports_latencies():
+    from bench.serving import summarize_latencies
+
+    def single(p99_model, p99_compare):
+        return {
+            sig: {
+                "model": {"p50": 1.0, "p99": p99_model},
+                "compare_model": {"p50": 0.25, "p99": p99_compare},
+            }
+            for sig in ("predict_lists", "serving_default")
+        }
+
+    out = summarize_latencies([single(1.3, 0.46), single(1.9, 0.41), single(1.5, 0.55)])
+    assert sorted(out) == ["predict_lists", "serving_default"]
+    assert out["predict_lists"]["compare_model"]["p99"] == {"min": 0.41, "median": 0.46, "max": 0.55}
+    assert out["serving_default"]["model"]["p99"] == {"min": 1.3, "median": 1.5, "max": 1.9}
+    assert out["predict_lists"]["model"]["p50"] == {"min": 1.0, "median": 1.0, "max": 1.0}
+
+
 def test_repeated_pipeline_runs_are_summarised_per_data_set_and_workers():
     from bench.pipeline import summarize_runs
 
