@@ -14,6 +14,15 @@ def require_paths(parser, pairs) -> None:
             parser.error(f"{flag}: {path} not found")
 
 
+def require_at_least_one(parser, args, *flags) -> None:
+    """`parser.error` (one line, before any work) for the first of `flags` (argparse dests) set below 1;
+    one left unset (None) takes its default."""
+    for flag in flags:
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            parser.error(f"--{flag}: at least 1")
+
+
 def spread(values) -> dict:
     """min, median and max of repeated measurements (the VM's speed moves from one run to the next)."""
     values = [float(v) for v in values]

@@ -21,7 +21,7 @@ import os
 import tempfile
 import time
 
-from bench import require_paths, write_json
+from bench import require_at_least_one, require_paths, write_json
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before TensorFlow loads (dnr_tf.quiet)
 from dnr_tf import quiet  # noqa: E402
@@ -72,6 +72,7 @@ def main(argv=None) -> int:
     parser.add_argument("--output", default="bench/results/bf16_export.json")
     args = parser.parse_args(argv)
     require_paths(parser, ((os.path.join(args.data_dir, "schema.json"), "--data_dir"), (args.run_dir, "--run_dir")))
+    require_at_least_one(parser, args, "rounds")
     from bench.train_cost import machine
     from dnr_tf.evaluate import evaluate
     from dnr_tf.export import read_examples

@@ -24,7 +24,7 @@ import tempfile
 
 import numpy as np
 
-from bench import write_json
+from bench import require_at_least_one, write_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOSSES = ("loss", "l_direct", "l_z", "l_adv", "l_x", "val_loss")
@@ -76,6 +76,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if not os.path.exists(os.path.join(args.data_dir, "schema.json")):
         parser.error(f"{args.data_dir}/schema.json not found: pass --data_dir, a `python -m pipeline.run` output")
+    require_at_least_one(parser, args, "epochs")
     from dnr_tf.distribute import local_cluster
 
     work = args.work_dir or tempfile.mkdtemp(prefix="bench_distributed_")

@@ -51,7 +51,7 @@ import time
 
 import numpy as np
 
-from bench import spread, write_json
+from bench import require_at_least_one, spread, write_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -231,6 +231,33 @@ def doubling(work: str, interactions: int, workers: int) -> dict:
     return {"runs": rows, "growth_mb": growth}
 
 
+DATASETS = ("ml100k", "ml1m")
+
+
+def worker_counts(text: str) -> list[int]:
+    """`--workers`' comma-separated counts (`check_args` has refused what is not a count >= 1)."""
+    return [int(w) for w in text.split(",") if w.strip()]
+
+
+def check_args(parser, args) -> None:
+    """One line through `parser.error` for what would fail, or measure nothing, after the work began."""
+    require_at_least_one(parser, args, "repeats")
+    names = [n for n in args.datasets.split(",") if n]
+    unknown = [n for n in names if n not in DATASETS]
+    if unknown or not names:
+        parser.error(f"--datasets: unknown {', '.join(unknown) or '(none given)'} (known: {', '.join(DATASETS)})")
+    try:
+        counts = worker_counts(args.workers)
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        parser.error(f"--workers: comma-separated worker counts of at least 1, not {args.workers!r}")
+    if args.doubling:
+        require_at_least_one(parser, args, "interactions")
+    if args.baseline and not os.path.isfile(os.path.join(args.baseline, "pipeline", "run.py")):
+        parser.error(f"--baseline: {args.baseline} is not a checkout of this project (no pipeline/run.py)")
+
+
 def main(argv=None) -> int:
     from dnr_tf import quiet
 
@@ -255,13 +282,12 @@ def main(argv=None) -> int:
         "--repeats", type=int, default=1, help="runs of each (data set, workers), in turn with --baseline's"
     )
     args = parser.parse_args(argv)
-    if args.repeats < 1:
-        parser.error("--repeats: at least 1")
+    check_args(parser, args)
     args.output = args.output or f"bench/results/pipeline{'_doubling' if args.doubling else ''}.json"
     if args.doubling:
         work = args.work_dir or tempfile.mkdtemp(prefix="bench_doubling_")
         os.makedirs(work, exist_ok=True)
-        workers = max(int(w) for w in args.workers.split(",") if w)
+        workers = max(worker_counts(args.workers))
         result = {
             "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
             "doubling": doubling(work, args.interactions, workers),
@@ -270,7 +296,7 @@ def main(argv=None) -> int:
         print(f"written to {args.output} (data and logs in {work})")
         return 0
     names = [n for n in args.datasets.split(",") if n]
-    workers = [int(w) for w in args.workers.split(",") if w]
+    workers = worker_counts(args.workers)
     if "ml100k" in names and not os.path.exists(os.path.join(args.ml100k, "u.data")):
         parser.error(f"{args.ml100k}/u.data not found: pass --ml100k DIR")
     interactions = 100_000 if args.quick else 1_000_000

@@ -307,10 +307,7 @@ def summarize_latencies(singles: list[dict]) -> dict:
     runs (their `single_request_ms` dicts: signature -> export -> percentile)."""
     first = singles[0]
     return {
-        sig: {
-            name: {q: spread([s[sig][name][q] for s in singles]) for q in first[sig][name]}
-            for name in first[sig]
-        }
+        sig: {name: {q: spread([s[sig][name][q] for s in singles]) for q in first[sig][name]} for name in first[sig]}
         for sig in first
     }
 

@@ -37,7 +37,7 @@ import subprocess
 import sys
 import tempfile
 
-from bench import spread, write_json
+from bench import require_at_least_one, spread, write_json
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before TensorFlow loads (dnr_tf.quiet)
 from dnr_tf import quiet  # noqa: E402
@@ -294,12 +294,7 @@ def main(argv=None) -> int:
     parser.add_argument("--output", default="bench/results/serving_c_api.json")
     parser.add_argument("--quick", action="store_true", help="a run under a minute")
     args = parser.parse_args(argv)
-    if args.repeats < 1:
-        parser.error("--repeats: at least 1")
-    if args.calls is not None and args.calls < 1:
-        parser.error("--calls: at least 1")
-    if args.block < 1:
-        parser.error("--block: at least 1")
+    require_at_least_one(parser, args, "repeats", "calls", "block")
     if args.block_warmup is not None and args.block_warmup < 0:
         parser.error("--block_warmup: at least 0")
     serving.check_inputs(parser, args.model, args.data_dir, args.compare_model)

@@ -34,7 +34,7 @@ import os
 import platform
 import time
 
-from bench import write_json
+from bench import require_at_least_one, write_json
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before TensorFlow loads (dnr_tf.quiet)
 from dnr_tf import quiet  # noqa: E402
@@ -203,6 +203,7 @@ def main(argv=None) -> int:
     unknown = [n for n in names if n not in CASES]
     if unknown or "direct" not in names:
         parser.error(f"--cases: unknown {unknown}" if unknown else "--cases must include direct (the baseline)")
+    require_at_least_one(parser, args, "rounds", "steps", "batches")
     rounds, steps = (2, 5) if args.quick else (args.rounds, args.steps)
     result = run(args.data_dir, names, rounds, steps, args.batches, args.precision)
     result["peak"] = peak_lib.measure(*((1024, 0.6) if args.quick else (2048, 2.0)))  # same process

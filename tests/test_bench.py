@@ -191,6 +191,65 @@ def test_pipeline_bench_refuses_fewer_than_one_repeat(capsys):
     assert "--repeats" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--datasets", "ml2m"], "--datasets: unknown ml2m (known: ml100k, ml1m)"),
+        (["--datasets", ","], "--datasets: unknown (none given)"),
+        (["--workers", "0"], "--workers: comma-separated worker counts of at least 1, not '0'"),
+        (["--workers", "two"], "--workers: comma-separated worker counts of at least 1, not 'two'"),
+        (["--doubling", "--interactions", "0"], "--interactions: at least 1"),
+        (["--baseline", "/nonexistent/tree"], "--baseline: /nonexistent/tree is not a checkout of this project"),
+    ],
+)
+def test_pipeline_bench_refuses_bad_arguments_before_any_work(tmp_path, capsys, args, message):
+    from bench import pipeline
+
+    work = tmp_path / "work"
+    with pytest.raises(SystemExit):
+        pipeline.main([*args, "--work_dir", str(work), "--output", str(tmp_path / "out.json")])
+    assert message in capsys.readouterr().err
+    assert not work.exists() and not (tmp_path / "out.json").exists(), "nothing measured, nothing written"
+
+
+@pytest.mark.parametrize("flag", ["--rounds", "--steps", "--batches"])
+def test_training_bench_refuses_no_rounds_steps_or_batches_before_any_work(synthetic_data, tmp_path, capsys, flag):
+    from bench import train_cost
+
+    out = tmp_path / "out.json"
+    with pytest.raises(SystemExit):
+        train_cost.main(["--data_dir", str(synthetic_data[0]), "--output", str(out), flag, "0"])
+    assert f"{flag}: at least 1" in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "bench, args",
+    [
+        ("profile", ["--calls", "0"]),
+        ("profile", ["--serving_batch", "0"]),
+        ("bf16_export", ["--rounds", "0"]),
+        ("distributed_train", ["--epochs", "0"]),
+        ("serving_c_api", ["--block", "0"]),
+    ],
+)
+def test_benches_refuse_a_count_below_one_before_any_work(synthetic_data, tmp_path, capsys, bench, args):
+    import importlib
+
+    data_dir = str(synthetic_data[0])
+    paths = {
+        "profile": ["--data_dir", data_dir, "--run_dir", str(tmp_path)],
+        "bf16_export": ["--data_dir", data_dir, "--run_dir", str(tmp_path)],
+        "distributed_train": ["--data_dir", data_dir, "--work_dir", str(tmp_path / "work")],
+        "serving_c_api": ["--data_dir", data_dir, "--model", str(tmp_path)],
+    }[bench]
+    out = tmp_path / "out.json"
+    with pytest.raises(SystemExit):
+        importlib.import_module(f"bench.{bench}").main([*paths, *args, "--output", str(out)])
+    assert f"{args[0]}: at least 1" in capsys.readouterr().err
+    assert not out.exists() and not (tmp_path / "work").exists()
+
+
 def test_serving_refuses_repeats_without_a_second_export(tmp_path, capsys):
     import pytest
 
