@@ -250,6 +250,15 @@ def serving_fns(
     return predict_lists, serve_examples
 
 
+def check_export_dir(export_dir: str, version: int | None) -> None:
+    """Refuses, before any work, an export directory that is a file and a negative version (versions
+    are the numbered folders TF Serving watches; `next_version` counts only those of digits)."""
+    if os.path.exists(export_dir) and not os.path.isdir(export_dir):
+        raise ValueError(f"--export_dir {export_dir} is a file, not a directory")
+    if version is not None and version < 0:
+        raise ValueError(f"--version must be >= 0, not {version}")
+
+
 def next_version(export_dir: str) -> int:
     versions = [
         int(os.path.basename(p)) for p in glob.glob(os.path.join(export_dir, "*")) if os.path.basename(p).isdigit()
@@ -298,6 +307,7 @@ def export_model(
             f"not exported: the reranker computes under {', '.join(mixed)}; the export serves float32 scores: "
             "build it in float32 (dnr_tf.runs.load_trained(model_dir, precision='float32'), as export_run does)"
         )
+    check_export_dir(export_dir, version)
     version = next_version(export_dir) if version is None else version
     final = os.path.join(export_dir, str(version))
     if os.path.exists(final):
@@ -397,6 +407,7 @@ def export_run(
     """Exports the best model of a run; warmup requests come from the run's data (or `data_dir`).
     The export computes in float32, also for a run trained with `train.precision: mixed_bfloat16`
     (whose weights are float32)."""
+    check_export_dir(export_dir, version)
     model, cfg, schema = load_trained(model_dir, precision="float32")
     if data_dir is None:
         data_dir = config_io.load_yaml(os.path.join(model_dir, "config.yaml")).get("data_dir")

@@ -731,3 +731,28 @@ def test_weights_over_the_freeze_limit_stay_variables_and_score_the_same(exporte
     np.testing.assert_array_equal(outs[0]["top_k_item_ids"].numpy(), outs[1]["top_k_item_ids"].numpy())
     scores, _ = _expected(exported["model"], dense)
     np.testing.assert_allclose(outs[1]["scores"].numpy(), scores, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--export_dir", "{file}"], "is a file, not a directory"),
+        (
+            ["--export_dir", "{dir}", "--version", "-1"],
+            "--version must be >= 0, not -1",
+        ),
+    ],
+)
+def test_export_refuses_a_file_as_export_dir_and_a_negative_version_in_one_line(
+    exported, tmp_path, capsys, monkeypatch, args, message
+):
+    from dnr_tf import export as export_lib
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("a user's file\n")
+    args = [a.format(file=a_file, dir=tmp_path / "exports") for a in args]
+    # Refused before the run is loaded: nothing traced, nothing written, the file as it was.
+    monkeypatch.setattr(export_lib, "load_trained", lambda *a, **k: pytest.fail("loaded before the check"))
+    assert export_lib.main(["--model_dir", str(exported["run"]), *args]) == 2
+    assert message in capsys.readouterr().err
+    assert a_file.read_text() == "a user's file\n" and not (tmp_path / "exports").exists()
