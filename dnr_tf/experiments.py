@@ -730,9 +730,14 @@ def main(argv=None) -> int:
     parser.add_argument("--verbose", action="store_true", help="show TensorFlow's, Keras' and absl's own logs too")
     args = parser.parse_args(argv)
     try:
-        index, count = (int(v) for v in args.shard.split("/"))
+        try:
+            index, count = (int(v) for v in args.shard.split("/"))
+        except ValueError:
+            raise ValueError(f"--shard {args.shard}: give I/N, two integers (e.g. 0/2)") from None
         if not 0 <= index < count:
             raise ValueError(f"--shard {args.shard}: I must be in [0, N)")
+        if os.path.exists(args.out) and not os.path.isdir(args.out):
+            raise ValueError(f"--out {args.out} is a file, not a directory")
         plan = load_plan(args.plan, args.data_dir)
         if args.dry_run:
             checked = check_configs(plan)

@@ -683,3 +683,23 @@ def test_a_data_set_built_with_another_config_is_refused_before_any_run(tmp_path
     # The plan's own config (here: without the override) passes.
     ds = experiments.Dataset(dir=str(data), pipeline=os.path.join(ROOT, "configs/pipeline/ml100k.yaml"), input="u.data")
     experiments.check_built_config("d", ds)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--shard", "x"], "--shard x: give I/N, two integers (e.g. 0/2)"),
+        (["--shard", "1/2/3"], "--shard 1/2/3: give I/N, two integers (e.g. 0/2)"),
+        (["--out", "{file}", "--finished_only"], "is a file, not a directory"),
+    ],
+)
+def test_a_bad_shard_or_an_out_that_is_a_file_is_one_line_before_any_work(
+    tmp_path, capsys, monkeypatch, extra, message
+):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("a user's file\n")
+    monkeypatch.setattr(experiments, "load_plan", lambda *a: pytest.fail("the plan was read before the check"))
+    args = ["--plan", write_plan(tmp_path, [tuned_row("prm")]), "--out", str(tmp_path / "out")]
+    assert main([*args, *[a.format(file=a_file) for a in extra]]) == 2
+    assert message in capsys.readouterr().err
+    assert a_file.read_text() == "a user's file\n" and not (tmp_path / "out").exists()
