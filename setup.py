@@ -18,6 +18,9 @@ setup(
         "apache-beam==2.77.0",
         "google-crc32c",  # TFRecord checksums (pipeline.stages._tfrecord)
         "tensorflow-datasets",
+        # tensorflow-datasets 4.9.10 imports it to download a data set (etils' `epath` extra no longer
+        # pulls it): without it, `--source tfds` failed with ModuleNotFoundError before any download.
+        "importlib_resources",
         "tensorboard",
         "numpy",
         "pyyaml",

@@ -136,9 +136,10 @@ def _interaction_reader(cfg: PipelineConfig):
     from pipeline.sources import files, interactions
 
     if cfg.source == "tfds":
-        from pipeline.sources.tfds_source import DEFAULT_NAME, read_tfds
+        from pipeline.sources.tfds_source import DEFAULT_NAME, prepare, read_tfds
 
         name = cfg.input or DEFAULT_NAME
+        prepare(name, cfg.tfds_data_dir)
 
         class ReadTfds(beam.PTransform):
             def expand(self, pbegin):

@@ -287,6 +287,55 @@ def test_tfds_movielens_with_mock_data(tmp_path):
     check_interaction_lists(read_all(out), good)
 
 
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("movielens/nope-ratings", "--input movielens/nope-ratings: not a TFDS MovieLens ratings data set"),
+        (
+            "movielens/100k-ratings",
+            "TFDS movielens/100k-ratings could not be downloaded and prepared into {dir}/movielens/100k-ratings/"
+            "0.1.1 (ConnectionError: no route to host); without network, copy a prepared TFDS folder there",
+        ),
+    ],
+)
+def test_a_tfds_name_or_download_that_fails_is_one_line_before_the_pipeline(
+    tmp_path, monkeypatch, capsys, name, message
+):
+    """The data set is checked and prepared in the driver: a failure is not a traceback from a Beam worker."""
+    import tensorflow_datasets as tfds
+
+    from pipeline.run import main
+
+    def no_network(self, *args, **kwargs):
+        raise ConnectionError("no route to host\n(the rest of a long message)")
+
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", no_network)
+    out = tmp_path / "out"
+    args = [
+        "--source",
+        "tfds",
+        "--input",
+        name,
+        "--output_dir",
+        str(out),
+        "--set",
+        f"tfds_data_dir={tmp_path / 'tfds'}",
+    ]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message.format(dir=tmp_path / "tfds") in err and len(err.strip().splitlines()) == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "tfds") == [], "nothing written, no staging left"
+
+
+def test_tfds_can_reach_its_download_path(tmp_path):
+    """The import that TFDS's download makes first (`importlib_resources`, a dependency in setup.py since
+    tensorflow-datasets 4.9.10 stopped pulling it): `--source tfds` failed on it with ModuleNotFoundError."""
+    import tensorflow_datasets as tfds
+
+    builder = tfds.builder("movielens/100k-ratings", data_dir=str(tmp_path))
+    assert builder.code_path.name == "movielens.py" and not builder.is_prepared()
+
+
 def _decoded(out, list_size, history_len):
     """Every decoded record of a run as sorted (request_id, {feature: bytes}) pairs."""
     by_split = read_all(out, list_size, history_len)
