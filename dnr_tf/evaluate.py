@@ -54,6 +54,42 @@ def _model_k(model_path: str) -> int:
     return 6
 
 
+def vocab_check(model_path: str, data_dir: str) -> dict | None:
+    """The model's item vocabulary against the data's: `{"model", "data", "same"}` (each a
+    `runs.vocab_signature`; with a run directory also `data_items_unknown_to_model`), or None when the
+    model's or the data's is not known (an export made before exports recorded it, or one made
+    elsewhere; records written by other tools, without `item_vocab.txt`)."""
+    from dnr_tf.runs import read_vocab, vocab_signature
+
+    if not os.path.exists(os.path.join(data_dir, "item_vocab.txt")):
+        return None
+    data_items = read_vocab(data_dir)
+    data = vocab_signature(data_items)
+    if os.path.exists(os.path.join(model_path, "config.yaml")):
+        model_items = read_vocab(model_path)
+        model = vocab_signature(model_items)
+        unknown = len(set(data_items) - set(model_items))
+        return {"model": model, "data": data, "same": model == data, "data_items_unknown_to_model": unknown}
+    try:
+        with open(os.path.join(model_path, "assets.extra", "dnr_export.json")) as f:
+            model = json.load(f)["item_vocab"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return {"model": model, "data": data, "same": model == data}
+
+
+def vocab_note(model_path: str, data_dir: str, check: dict) -> str:
+    """One line on a model evaluated on data of another item vocabulary (legitimate for a later build of
+    the same source; meaningless for another data set, where one id may name another item)."""
+    unknown = check.get("data_items_unknown_to_model")
+    some = f", {unknown} of them unknown to the model" if unknown is not None else ""
+    return (
+        f"note: {model_path} was trained with another item vocabulary ({check['model']['items']} items) than "
+        f"{data_dir}'s ({check['data']['items']} items{some}): items it never saw score as unknown ones, and "
+        "on another data set an id may name another item"
+    )
+
+
 def _scorer(model_path: str):
     """(score function: (serialized, parsed) batch -> scores, description)."""
     if os.path.exists(os.path.join(model_path, "saved_model.pb")):
@@ -201,6 +237,9 @@ def evaluate(
     if k is None:
         k = _model_k(model_path)
     checked = check_inputs(model_path, data_dir, split, k)
+    vocab = vocab_check(model_path, data_dir)
+    if vocab is not None and not vocab["same"]:
+        print(vocab_note(model_path, data_dir, vocab), file=sys.stderr, flush=True)
     score, description = _scorer(model_path)
     metrics, lists = _table(data_dir, split, k, seed, batch_size, score, checked)
     return {
@@ -209,6 +248,7 @@ def evaluate(
         "split": split,
         "k": k,
         "lists": lists,
+        "item_vocab": vocab,
         "metrics": metrics,
     }
 

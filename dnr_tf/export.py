@@ -41,7 +41,7 @@ import sys
 
 from dnr_tf import config_io, quiet
 from dnr_tf import schema as S
-from dnr_tf.runs import load_trained
+from dnr_tf.runs import load_trained, read_vocab, vocab_signature
 
 WARMUP_FILE = "tf_serving_warmup_requests"
 WARMUP_REQUESTS = 4
@@ -421,6 +421,8 @@ def export_run(
         "dnr": cfg.dnr.enabled,
         "trained_precision": cfg.train.precision,
         "model_dir": os.path.abspath(model_dir),
+        # The run's item vocabulary, so that `dnr_tf.evaluate` can tell data of another vocabulary.
+        "item_vocab": vocab_signature(read_vocab(model_dir)),
     }
     return export_model(
         model,

@@ -26,6 +26,14 @@ def read_vocab(directory: str) -> list[int]:
         return [int(line) for line in f if line.strip()]
 
 
+def vocab_signature(items: list[int]) -> dict:
+    """`{"items", "sha256"}` of an item vocabulary: what an export records of its run's, and what
+    `dnr_tf.evaluate` compares with the data's."""
+    import hashlib
+
+    return {"items": len(items), "sha256": hashlib.sha256("\n".join(map(str, items)).encode()).hexdigest()}
+
+
 def load_run(model_dir: str):
     """(config, item vocabulary, record schema) of a run directory that `train` wrote."""
     from dnr_tf import schema as schema_lib

@@ -756,3 +756,28 @@ def test_export_refuses_a_file_as_export_dir_and_a_negative_version_in_one_line(
     assert export_lib.main(["--model_dir", str(exported["run"]), *args]) == 2
     assert message in capsys.readouterr().err
     assert a_file.read_text() == "a user's file\n" and not (tmp_path / "exports").exists()
+
+
+def test_evaluate_notes_data_of_another_item_vocabulary(exported, tmp_path, capsys):
+    """The export records its run's item vocabulary; evaluating on data of another one (a later build, or
+    another data set whose ids may name other items) says so in one line and in the JSON."""
+    from dnr_tf.runs import read_vocab, vocab_signature
+
+    info = json.loads(open(os.path.join(exported["path"], "assets.extra", "dnr_export.json")).read())
+    assert info["item_vocab"] == vocab_signature(read_vocab(str(exported["run"])))
+    same = {}
+    for model in (exported["path"], str(exported["run"])):
+        same[model] = evaluate(model, str(exported["data_dir"]))
+        assert same[model]["item_vocab"]["same"] is True and "note:" not in capsys.readouterr().err
+    other = tmp_path / "data"
+    shutil.copytree(exported["data_dir"], other)
+    items = read_vocab(str(other))
+    (other / "item_vocab.txt").write_text("".join(f"{i}\n" for i in [*items[1:], 10**9, 10**9 + 1]))
+    for model, unknown in ((exported["path"], ""), (str(exported["run"]), ", 2 of them unknown to the model")):
+        result = evaluate(model, str(other))
+        assert result["item_vocab"]["same"] is False
+        err = capsys.readouterr().err
+        assert f"was trained with another item vocabulary ({len(items)} items) than {other}'s " in err
+        assert f"({len(items) + 1} items{unknown}): items it never saw score as unknown ones" in err
+        # The note changes nothing of the figures: the records are the same lists.
+        assert result["metrics"] == same[model]["metrics"]
