@@ -422,6 +422,14 @@ def _eval_cli(model, data_dir, capsys, *extra):
     return lines[0]
 
 
+def test_evaluate_given_an_export_directory_names_its_versions(exported, capsys):
+    parent = os.path.dirname(exported["path"])
+    line = _eval_cli(parent, exported["data_dir"], capsys)
+    version = os.path.basename(exported["path"])
+    assert f"{parent} is neither a SavedModel" in line and f"give {exported['path']}" in line, line
+    assert f"it holds export versions [{version}]" in line, line
+
+
 def test_evaluate_refuses_k_outside_the_list(exported, capsys):
     for k in ("0", "51", "-1"):
         for model in (exported["run"], exported["path"]):
