@@ -234,6 +234,11 @@ def doubling(work: str, interactions: int, workers: int) -> dict:
 DATASETS = ("ml100k", "ml1m")
 
 
+def dataset_names(text: str) -> list[str]:
+    """`--datasets`' comma-separated names (`check_args` has refused unknown ones)."""
+    return [n for n in text.split(",") if n]
+
+
 def worker_counts(text: str) -> list[int]:
     """`--workers`' comma-separated counts (`check_args` has refused what is not a count >= 1)."""
     return [int(w) for w in text.split(",") if w.strip()]
@@ -242,7 +247,7 @@ def worker_counts(text: str) -> list[int]:
 def check_args(parser, args) -> None:
     """One line through `parser.error` for what would fail, or measure nothing, after the work began."""
     require_at_least_one(parser, args, "repeats")
-    names = [n for n in args.datasets.split(",") if n]
+    names = dataset_names(args.datasets)
     unknown = [n for n in names if n not in DATASETS]
     if unknown or not names:
         parser.error(f"--datasets: unknown {', '.join(unknown) or '(none given)'} (known: {', '.join(DATASETS)})")
@@ -295,7 +300,7 @@ def main(argv=None) -> int:
         write_json(args.output, result)
         print(f"written to {args.output} (data and logs in {work})")
         return 0
-    names = [n for n in args.datasets.split(",") if n]
+    names = dataset_names(args.datasets)
     workers = worker_counts(args.workers)
     if "ml100k" in names and not os.path.exists(os.path.join(args.ml100k, "u.data")):
         parser.error(f"{args.ml100k}/u.data not found: pass --ml100k DIR")

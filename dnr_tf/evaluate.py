@@ -120,20 +120,15 @@ def _scorer(model_path: str):
             return model(features, training=False)
 
         return score, f"run {model_path} (best weights)"
-    versions = _export_versions(model_path)
+    from dnr_tf.export import export_versions
+
+    versions = export_versions(model_path)
     hint = (
         f": it holds export versions {versions}; give {os.path.join(model_path, str(versions[-1]))}" if versions else ""
     )
     raise FileNotFoundError(
         f"{model_path} is neither a SavedModel (saved_model.pb) nor a run directory (config.yaml){hint}"
     )
-
-
-def _export_versions(path: str) -> list[int]:
-    """The numbered version folders of an export directory (`saved_models/<name>`), in order."""
-    if not os.path.isdir(path):
-        return []
-    return sorted(int(v) for v in os.listdir(path) if v.isdigit() and os.path.isdir(os.path.join(path, v)))
 
 
 def _first_line(e: BaseException) -> str:

@@ -736,8 +736,7 @@ def main(argv=None) -> int:
             raise ValueError(f"--shard {args.shard}: give I/N, two integers (e.g. 0/2)") from None
         if not 0 <= index < count:
             raise ValueError(f"--shard {args.shard}: I must be in [0, N)")
-        if os.path.exists(args.out) and not os.path.isdir(args.out):
-            raise ValueError(f"--out {args.out} is a file, not a directory")
+        config_io.check_output_dir(args.out, "--out")
         plan = load_plan(args.plan, args.data_dir)
         if args.dry_run:
             checked = check_configs(plan)

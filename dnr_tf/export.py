@@ -251,19 +251,22 @@ def serving_fns(
 
 
 def check_export_dir(export_dir: str, version: int | None) -> None:
-    """Refuses, before any work, an export directory that is a file and a negative version (versions
-    are the numbered folders TF Serving watches; `next_version` counts only those of digits)."""
-    if os.path.exists(export_dir) and not os.path.isdir(export_dir):
-        raise ValueError(f"--export_dir {export_dir} is a file, not a directory")
+    """Refuses, before any work, an export directory that cannot be one (a file, not writable:
+    `config_io.check_output_dir`) and a negative version (versions are the numbered folders TF
+    Serving watches; `export_versions` counts only names of digits)."""
+    config_io.check_output_dir(export_dir, "--export_dir")
     if version is not None and version < 0:
         raise ValueError(f"--version must be >= 0, not {version}")
 
 
+def export_versions(export_dir: str) -> list[int]:
+    """The versions under an export directory (`saved_models/<name>`): its entries named by digits, in order."""
+    names = (os.path.basename(p) for p in glob.glob(os.path.join(export_dir, "*")))
+    return sorted(int(name) for name in names if name.isdigit())
+
+
 def next_version(export_dir: str) -> int:
-    versions = [
-        int(os.path.basename(p)) for p in glob.glob(os.path.join(export_dir, "*")) if os.path.basename(p).isdigit()
-    ]
-    return max(versions, default=0) + 1
+    return max(export_versions(export_dir), default=0) + 1
 
 
 def export_model(
