@@ -98,11 +98,27 @@ def make_dataset(
         stream = epoch(epochs_from)
         for e in range(epochs_from + 1, epochs_from + epochs):
             stream = stream.concatenate(epoch(e))
-        return stream.prefetch(tf.data.AUTOTUNE)
+        return _without_autotune_model(stream.prefetch(tf.data.AUTOTUNE))
     if shuffle:
         # Records were batched in file order; reshuffle across batches with a record-level buffer.
         ds = ds.unbatch().shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
         ds = ds.batch(batch_size, drop_remainder=drop_remainder)
     if repeat:
         ds = ds.repeat()
-    return ds.prefetch(tf.data.AUTOTUNE)
+    return _without_autotune_model(ds.prefetch(tf.data.AUTOTUNE))
+
+
+def _without_autotune_model(ds):
+    """`ds` without tf.data's autotuning thread (`options.autotune.enabled = False`).
+
+    With it, destroying an iterator that has lived for a while (the training iterator at the end of
+    `fit`) sometimes waits for that thread's current optimisation period to run out: `train` then
+    spent about 20 s after its last epoch in about one run of three on ML-100K (DNR-B, 15 epochs;
+    gdb: `RootDataset::Iterator::~Iterator` waiting on the thread, itself waiting in
+    `Model::OptimizeLoop`). Nothing here needs its tuning: the records are cached after the first
+    epoch, and the same epoch times were measured without it (docs/performance.md, issue 17). The
+    parallel calls and the prefetch buffer keep their own defaults; the order of the records, and
+    so every number, is unchanged (`deterministic=True`)."""
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return ds.with_options(options)

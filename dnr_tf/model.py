@@ -2,7 +2,9 @@
 
 Per batch (paper algorithm 1):
 1. sample x' from the active sampler: heuristic during the first `lambda_e` epochs, model-based
-   after (the switch is `set_sampler_phase`, called by `SamplerSchedule` at every epoch start);
+   after (the switch is `set_sampler_phase`, called by `SamplerSchedule` at every epoch start; on
+   one replica the steps choose the phase in the graph, so the switch needs no new trace:
+   `_phase_in_graph`);
 2. reranker step, generator fixed:  L_theta = L_direct(x) + lambda_m L_z(x')          (eq. 6)
        L_direct = BCE(z, q_theta(x)),  L_z = BCE(z, q_theta(x')), over unpadded candidates;
 3. generator step(s), reranker fixed (model-based phase only):
@@ -163,6 +165,17 @@ class VariableReport(keras.metrics.Metric):
         pass
 
 
+class _PhaseFlag:
+    """The phase the steps choose in the graph when `DNRModel._phase_in_graph`: 1 model-based, 0
+    heuristic. Held outside the model's weights (a plain object is not tracked), since it is the
+    phase being trained or evaluated now, set by `set_sampler_phase`, whereas the saved
+    `sampler_phase` is the phase of the epoch the weights come from: restoring the best epoch's
+    weights after the last epoch does not change the sampler the final evaluation uses."""
+
+    def __init__(self):
+        self.variable = tf.Variable(0, dtype=tf.int32, trainable=False, name="phase_flag")
+
+
 class DNRModel(keras.Model):
     """Reranker + noise generator with the alternating updates of DNR in `train_step`.
 
@@ -197,6 +210,7 @@ class DNRModel(keras.Model):
             shape=(), dtype="int32", initializer="zeros", trainable=False, name="sampler_phase"
         )
         self._model_phase = False
+        self._phase = _PhaseFlag() if self.generator is not None else None
         # Steps with a non-finite loss term or gradient are never applied (see `train_step`).
         self.nonfinite_counts = self.add_weight(
             shape=(len(NONFINITE_TERMS),),
@@ -290,12 +304,38 @@ class DNRModel(keras.Model):
         """True once the model-based sampler is active (after lambda_e epochs)."""
         return self._model_phase
 
+    @property
+    def _phase_in_graph(self) -> bool:
+        """True when the train and test steps read the phase from `sampler_phase` in the graph (a
+        `tf.cond` around each phase's own work), so that the switch needs no new trace: a model
+        with a generator, updated alternately (the simultaneous update changes the reranker's own
+        step), on one replica (under MirroredStrategy the sampler's all-gather is a `merge_call`,
+        which a replica's `cond` cannot hold). Otherwise each phase has its own trace."""
+        dnr = self.cfg.dnr
+        return (
+            self.generator is not None
+            and not (dnr.trains_generator and dnr.generator_update == "simultaneous")
+            and self.distribute_strategy.num_replicas_in_sync == 1
+        )
+
+    def _by_phase(self, model_based, heuristic):
+        """`model_based()` in the model-based phase, `heuristic()` before: chosen in the graph when
+        `_phase_in_graph` (both traced, one run), else by the phase the step was traced in."""
+        if self._phase_in_graph:
+            return tf.cond(self._phase.variable > 0, model_based, heuristic)
+        return model_based() if self._model_phase else heuristic()
+
     def set_sampler_phase(self, model_based: bool) -> None:
-        """Switches the sampler; the train step is retraced so that each phase runs only its work."""
+        """Switches the sampler. Without `_phase_in_graph` the steps are retraced so that each
+        phase's graph holds only its work."""
         model_based = bool(model_based) and self.generator is not None
         self.sampler_phase.assign(int(model_based))
+        if self._phase is not None:
+            self._phase.variable.assign(int(model_based))
         if model_based != self._model_phase:
             self._model_phase = model_based
+            if self._phase_in_graph:
+                return
             self.train_function = None
             self.test_function = None
             self.make_train_function(force=True)
@@ -332,7 +372,11 @@ class DNRModel(keras.Model):
         if not self.cfg.dnr.enabled:
             logits = self._rerank(features, training)
             return masked_bce(z, logits, mask), ops.zeros(()), logits, mask, z
-        x_fake = ops.stop_gradient(self.sample_x(features, z))
+        seed = self.noise_seed
+        x_fake = self._by_phase(
+            lambda: self._generate(features, z, seed, training=False), lambda: self.heuristic(z, seed)
+        )
+        x_fake = ops.stop_gradient(x_fake)
         logits, fake_logits = self._reranker_pair(features, x_fake, training)
         return masked_bce(z, logits, mask), masked_bce(z, fake_logits, mask), logits, mask, z
 
@@ -388,11 +432,14 @@ class DNRModel(keras.Model):
         losses.update(logits=logits, mask=mask, z=z)
         return losses, grads[: len(variables)], (grads[len(variables) :] if simultaneous else None)
 
-    def _apply_if_finite(self, optimizer, grads, variables, flags, count=True):
-        """Applies the update only when every flag holds on every replica; counts the flags that do
-        not (once a step, however many replicas saw it). Returns whether the update was applied."""
+    def _apply_if_finite(self, optimizer, grads, variables, flags, count=True, when=None):
+        """Applies the update only when every flag holds on every replica (and `when`, a scalar bool
+        the same on every replica, if given); counts the flags that do not (once a step, however
+        many replicas saw it). Returns whether the update was applied."""
         bad = any_replica(tf.logical_not(tf.stack([f for _, f in flags])))
         ok = tf.logical_not(tf.reduce_any(bad))
+        if when is not None:
+            ok = tf.logical_and(ok, when)
         if count:
             index = [NONFINITE_TERMS.index(name) for name, _ in flags]
             counts = tf.scatter_nd(tf.constant(index)[:, None], tf.cast(bad, "int32"), [len(NONFINITE_TERMS)])
@@ -446,20 +493,29 @@ class DNRModel(keras.Model):
                 self.generator_optimizer, gen_grads, self.generator.trainable_variables, flags, count=False
             )
             extra_generator_steps = dnr.generator_steps - 1
-        elif self._model_phase and dnr.trains_generator:
+        elif (self._phase_in_graph or self._model_phase) and dnr.trains_generator:
             extra_generator_steps = dnr.generator_steps
         gen_vars = self.generator.trainable_variables if extra_generator_steps else []
-        for _ in range(extra_generator_steps):
+
+        def generator_step():
             with tf.GradientTape() as gtape:
                 gen_loss, l_adv, l_x = self._generator_losses(features, losses["z"], losses["mask"])
                 gen_loss = scale_for_replicas(gen_loss)
-            gen_step_grads = dense_gradients(gtape.gradient(gen_loss, gen_vars))
+            return [l_adv, l_x, *dense_gradients(gtape.gradient(gen_loss, gen_vars))]
+
+        def no_generator_step():  # the heuristic phase, when the phase is chosen in the graph
+            return [ops.zeros(()), ops.zeros(()), *[tf.zeros_like(v) for v in gen_vars]]
+
+        for _ in range(extra_generator_steps):
+            l_adv, l_x, *gen_step_grads = self._by_phase(generator_step, no_generator_step)
             gen_flags = [
                 ("L_adv", tf.math.is_finite(l_adv)),
                 ("L_x'", tf.math.is_finite(l_x)),
                 ("the generator's gradients", all_finite(gen_step_grads)),
             ]
-            self._apply_if_finite(self.generator_optimizer, gen_step_grads, gen_vars, gen_flags)
+            self._apply_if_finite(
+                self.generator_optimizer, gen_step_grads, gen_vars, gen_flags, when=self._phase.variable > 0
+            )
         return self._update_metrics(
             losses["loss"],
             losses["l_direct"],
@@ -501,8 +557,10 @@ class DNRModel(keras.Model):
         l_direct, l_z, logits, mask, z = self._reranker_losses(features, labels, training=False)
         loss = l_direct + dnr.lambda_m * l_z if dnr.enabled else l_direct
         l_adv = l_x = ops.zeros(())
-        if self._model_phase and dnr.trains_generator:
-            _, l_adv, l_x = self._generator_losses(features, z, mask)
+        if dnr.trains_generator and (self._phase_in_graph or self._model_phase):
+            l_adv, l_x = self._by_phase(
+                lambda: self._generator_losses(features, z, mask)[1:], lambda: (ops.zeros(()), ops.zeros(()))
+            )
         return self._update_metrics(loss, l_direct, l_z, l_adv, l_x, labels, logits, mask)
 
     def _update_metrics(self, loss, l_direct, l_z, l_adv, l_x, labels, logits, mask, applied=None):

@@ -123,10 +123,11 @@ def nan_skip_run(synthetic_data, tmp_path_factory):
 # run each, on a machine whose speed varies between runs.)
 GROUPS = {
     "test_ml100k_pipeline.py": "test_fused_step.py",
-    # `smoke_run` (a DNR-B training and an export) is shared by these four.
+    # `smoke_run` (a DNR-B training and an export) is shared by these five.
     "test_export.py": "test_train.py",
     "test_serving_fuzz.py": "test_train.py",
     "test_serving_c_api.py": "test_train.py",
+    "test_phase_switch.py": "test_train.py",
     # `nan_skip_run` (a DNR-B training on data with a NaN score) is shared by these two.
     "test_reliability_train.py": "test_distribute.py",
     # No shared fixture: xdist hands out the groups with most tests first, and this file (3 tests, about

@@ -311,3 +311,79 @@ def test_precision_rows_refuses_a_missing_run_and_other_records_before_any_work(
         main(args)
     assert "are not the study's (000000000000)" in capsys.readouterr().err
     assert not (tmp_path / "work").exists() and not (tmp_path / "out.json").exists()
+
+
+def test_phase_switch_figures_split_the_first_and_the_switch_epoch_from_the_others():
+    from bench.phase_switch import epoch_figures
+
+    got = epoch_figures([3.0, 1.0, 1.2, 4.0, 1.5, 1.3, 1.4], [0, 0, 0, 1, 1, 1, 1])
+    assert got["first_epoch_s"] == 3.0 and got["switch_epoch_s"] == 4.0
+    assert got["heuristic_epoch_s"] == pytest.approx(1.1) and got["model_based_epoch_s"] == pytest.approx(1.4)
+    assert got["first_extra_s"] == pytest.approx(1.9) and got["switch_extra_s"] == pytest.approx(2.6)
+    # Model-based from the first epoch: no switch; the first epoch's extra is over the model-based ones.
+    got = epoch_figures([3.0, 1.5, 1.7], [1, 1, 1])
+    assert got["switch_epoch_s"] is None and got["switch_extra_s"] is None and got["heuristic_epoch_s"] is None
+    assert got["first_extra_s"] == pytest.approx(1.4)
+    got = epoch_figures([3.0, 1.0], [0, 0])  # never switches
+    assert got["switch_epoch_s"] is None and got["model_based_epoch_s"] is None and got["first_extra_s"] == 2.0
+    with pytest.raises(ValueError, match="3 epoch times for 2 epoch phases"):
+        epoch_figures([1.0, 1.0, 1.0], [0, 1])
+
+
+def test_phase_switch_summary_and_fingerprint_tell_a_changed_run(tmp_path):
+    import h5py
+    import numpy as np
+
+    from bench.phase_switch import run_fingerprint, summarize
+
+    def write_run(path, weight, history):
+        path.mkdir()
+        metrics = {"history": history, "valid": {"ndcg@6": 0.1}, "test": {}, "best_epoch": 1, "train_seconds": 9.0}
+        (path / "metrics.json").write_text(json.dumps(metrics))
+        with h5py.File(path / "best.weights.h5", "w") as f:
+            f["layers/dense/vars/0"] = np.array([1.0, weight], dtype="float32")
+
+    write_run(tmp_path / "a", 2.0, {"loss": [0.5]})
+    write_run(tmp_path / "b", 2.0, {"loss": [0.5]})
+    write_run(tmp_path / "c", np.nextafter(np.float32(2.0), np.float32(3.0)), {"loss": [0.5]})
+    write_run(tmp_path / "d", 2.0, {"loss": [0.5000001]})
+    prints = {name: run_fingerprint(str(tmp_path / name)) for name in "abcd"}
+    assert prints["a"] == prints["b"], "timings aside, the same run"
+    assert len(set(prints.values())) == 3, "one bit of a weight, or a history value, changes it"
+
+    rows = [
+        {"train_s": 10.0, "switch_extra_s": 0.1, "train_speedup": 1.2, "same_run": True},
+        {"train_s": 11.0, "switch_extra_s": None, "train_speedup": 1.1, "same_run": False},
+    ]
+    rows[0]["baseline"], rows[1]["baseline"] = {"train_s": 12.0}, {"train_s": 12.1}
+    summary = summarize(rows)
+    assert summary["train_s"] == {"min": 10.0, "median": 10.5, "max": 11.0}
+    assert summary["switch_extra_s"] == {"min": 0.1, "median": 0.1, "max": 0.1}
+    assert summary["baseline_train_s"]["max"] == 12.1 and summary["train_speedup"]["min"] == 1.1
+    assert summary["same_run"] is False
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--repeats", "0"], "--repeats: at least 1"),
+        (["--baseline", "/nonexistent/tree"], "--baseline: /nonexistent/tree is not a checkout of this project"),
+        (["--config", "/nonexistent.yaml"], "--config: /nonexistent.yaml not found"),
+    ],
+)
+def test_phase_switch_bench_refuses_bad_arguments_before_any_work(synthetic_data, tmp_path, capsys, args, message):
+    from bench import phase_switch
+
+    work, out = tmp_path / "work", tmp_path / "out.json"
+    with pytest.raises(SystemExit):
+        phase_switch.main(["--data_dir", str(synthetic_data[0]), *args, "--work_dir", str(work), "--output", str(out)])
+    assert message in capsys.readouterr().err
+    assert not work.exists() and not out.exists()
+
+
+def test_phase_switch_bench_refuses_a_folder_without_the_pipelines_output(tmp_path, capsys):
+    from bench import phase_switch
+
+    with pytest.raises(SystemExit):
+        phase_switch.main(["--data_dir", str(tmp_path), "--output", str(tmp_path / "out.json")])
+    assert f"--data_dir: {tmp_path}/schema.json not found" in capsys.readouterr().err
