@@ -306,8 +306,8 @@ class DNRModel(keras.Model):
 
     @property
     def _phase_in_graph(self) -> bool:
-        """True when the train and test steps read the phase from `sampler_phase` in the graph (a
-        `tf.cond` around each phase's own work), so that the switch needs no new trace: a model
+        """True when the train and test steps read the phase from `_phase` (`_PhaseFlag`) in the graph
+        (a `tf.cond` around each phase's own work), so that the switch needs no new trace: a model
         with a generator, updated alternately (the simultaneous update changes the reranker's own
         step), on one replica (under MirroredStrategy the sampler's all-gather is a `merge_call`,
         which a replica's `cond` cannot hold). Otherwise each phase has its own trace."""
@@ -506,6 +506,8 @@ class DNRModel(keras.Model):
         def no_generator_step():  # the heuristic phase, when the phase is chosen in the graph
             return [ops.zeros(()), ops.zeros(()), *[tf.zeros_like(v) for v in gen_vars]]
 
+        # In the graph, the heuristic phase's generator step is skipped: nothing applied, nothing counted.
+        in_phase = self._phase.variable > 0 if extra_generator_steps and self._phase_in_graph else None
         for _ in range(extra_generator_steps):
             l_adv, l_x, *gen_step_grads = self._by_phase(generator_step, no_generator_step)
             gen_flags = [
@@ -513,9 +515,7 @@ class DNRModel(keras.Model):
                 ("L_x'", tf.math.is_finite(l_x)),
                 ("the generator's gradients", all_finite(gen_step_grads)),
             ]
-            self._apply_if_finite(
-                self.generator_optimizer, gen_step_grads, gen_vars, gen_flags, when=self._phase.variable > 0
-            )
+            self._apply_if_finite(self.generator_optimizer, gen_step_grads, gen_vars, gen_flags, when=in_phase)
         return self._update_metrics(
             losses["loss"],
             losses["l_direct"],
