@@ -309,8 +309,9 @@ class DNRModel(keras.Model):
         """True when the train and test steps read the phase from `_phase` (`_PhaseFlag`) in the graph
         (a `tf.cond` around each phase's own work), so that the switch needs no new trace: a model
         with a generator, updated alternately (the simultaneous update changes the reranker's own
-        step), on one replica (under MirroredStrategy the sampler's all-gather is a `merge_call`,
-        which a replica's `cond` cannot hold). Otherwise each phase has its own trace."""
+        step), on one replica (on several, the generator's draw makes a `merge_call`, which a
+        replica's `cond` cannot hold: a RuntimeError under MultiWorkerMirroredStrategy as under
+        MirroredStrategy, tried 2026-12-07). Otherwise each phase has its own trace."""
         dnr = self.cfg.dnr
         return (
             self.generator is not None
