@@ -29,6 +29,7 @@ import hashlib
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -38,7 +39,6 @@ from bench import require_at_least_one, require_paths, spread, write_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(ROOT, "configs", "ml100k_dnr_b.yaml")
-TIMING_KEYS = ("seconds_per_epoch", "train_seconds")
 FIGURES = (
     "first_epoch_s",
     "switch_epoch_s",
@@ -53,11 +53,7 @@ FIGURES = (
 
 
 def _median(values):
-    values = sorted(values)
-    if not values:
-        return None
-    mid = len(values) // 2
-    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+    return statistics.median(values) if values else None
 
 
 def epoch_figures(seconds: list[float], phases: list[float]) -> dict:

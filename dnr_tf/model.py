@@ -346,9 +346,7 @@ class DNRModel(keras.Model):
         """`[batch, list_size]` synthetic scores x' from the active sampler (`seed`: the training noise by
         default; callbacks pass their own so that they never move the training's random state)."""
         seed = self.noise_seed if seed is None else seed
-        if self._model_phase:
-            return self._generate(features, z, seed, training)
-        return self.heuristic(z, seed)
+        return self._by_phase(lambda: self._generate(features, z, seed, training), lambda: self.heuristic(z, seed))
 
     # --- steps -----------------------------------------------------------------------------------
 
@@ -373,11 +371,7 @@ class DNRModel(keras.Model):
         if not self.cfg.dnr.enabled:
             logits = self._rerank(features, training)
             return masked_bce(z, logits, mask), ops.zeros(()), logits, mask, z
-        seed = self.noise_seed
-        x_fake = self._by_phase(
-            lambda: self._generate(features, z, seed, training=False), lambda: self.heuristic(z, seed)
-        )
-        x_fake = ops.stop_gradient(x_fake)
+        x_fake = ops.stop_gradient(self.sample_x(features, z))
         logits, fake_logits = self._reranker_pair(features, x_fake, training)
         return masked_bce(z, logits, mask), masked_bce(z, fake_logits, mask), logits, mask, z
 
