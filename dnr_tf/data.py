@@ -114,9 +114,10 @@ def _without_autotune_model(ds):
     With it, destroying an iterator that has lived for a while (the training iterator at the end of
     `fit`) sometimes waits for that thread's current optimisation period to run out: `train` then
     spent about 20 s after its last epoch in 7 of 33 ML-100K runs (DNR-B and DNR-G, 15-26 epochs,
-    both before and after 2026-12-07's change of the train step; gdb: `RootDataset::Iterator::~Iterator` waiting on the thread, itself waiting in
-    `Model::OptimizeLoop`). Nothing here needs its tuning: the records are cached after the first
-    epoch, and the same epoch times were measured without it (docs/performance.md, issue 17). The
+    both before and after 2026-12-07's change of the train step; gdb: `RootDataset::Iterator::~Iterator`
+    waiting on the thread, itself waiting in `Model::OptimizeLoop`). Nothing here needs its tuning:
+    the records are cached after the first epoch, and the same epoch times were measured without it
+    (docs/performance.md, issue 17). The
     parallel calls and the prefetch buffer keep their own defaults; the order of the records, and
     so every number, is unchanged (`deterministic=True`)."""
     options = tf.data.Options()
