@@ -20,9 +20,16 @@ def median(values: list[float]) -> float:
     return ordered[len(ordered) // 2]
 
 
-def steady_seconds(seconds: list[float]) -> list[float]:
-    """Epoch times without the first one (graph tracing and start-up), when there are others."""
-    return list(seconds[1:]) if len(seconds) > 1 else list(seconds)
+def steady_seconds(seconds: list[float], first_calls: float = 0.0) -> list[float]:
+    """Epoch times without the first one (graph tracing and start-up), when there are others.
+
+    With the first epoch alone, `first_calls` (the seconds its first train step and first validation
+    batch took: the steps' tracing) are taken out of it, where that leaves a positive time."""
+    if len(seconds) > 1:
+        return list(seconds[1:])
+    if seconds and 0.0 < first_calls < seconds[0]:
+        return [seconds[0] - first_calls]
+    return list(seconds)
 
 
 def phase_warning(cfg) -> str | None:
@@ -55,6 +62,7 @@ class EpochLine(keras.callbacks.Callback):
         self.stream = stream or sys.stdout
         self.every = every_seconds
         self.seconds: list[float] = []
+        self.first_calls = 0.0  # the first epoch's first train step and validation batch (tracing)
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
 
     def _print(self, text: str, end: str = "\n") -> None:
@@ -68,6 +76,8 @@ class EpochLine(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         now = time.time()
         done = batch + 1
+        if batch == 0 and not self.seconds:
+            self.first_calls += now - self.start
         if self.tty:
             if now - self.last < 0.2:
                 return
@@ -80,6 +90,14 @@ class EpochLine(keras.callbacks.Callback):
             self.last = now
             of = f"/{self.steps}" if self.steps else ""
             self._print(f"  epoch {self.epoch + 1}/{self.epochs}: step {done}{of}, {now - self.start:.0f}s")
+
+    def on_test_begin(self, logs=None):
+        self.test_start = time.time() if not self.seconds else None
+
+    def on_test_batch_end(self, batch, logs=None):
+        if batch == 0 and getattr(self, "test_start", None) is not None:
+            self.first_calls += time.time() - self.test_start
+            self.test_start = None
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
@@ -96,5 +114,5 @@ class EpochLine(keras.callbacks.Callback):
         text += f"  {seconds:.1f}s"
         left = self.epochs - epoch - 1
         if left > 0:
-            text += f"  ETA {left * median(steady_seconds(self.seconds)):.0f}s"
+            text += f"  ETA {left * median(steady_seconds(self.seconds, self.first_calls)):.0f}s"
         self._print(("\r" + " " * 60 + "\r" if self.tty else "") + text)

@@ -96,6 +96,28 @@ def test_epoch_line_is_short_and_its_eta_leaves_out_the_first_epoch(monkeypatch)
     assert progress.steady_seconds([30.0, 2.0, 3.0]) == [2.0, 3.0] and progress.steady_seconds([5.0]) == [5.0]
 
 
+def test_epoch_line_eta_after_the_first_epoch_leaves_out_its_tracing(monkeypatch):
+    from dnr_tf import progress
+
+    # Epoch 1: its first step 8 s (the trace), 3 more steps, validation whose first batch takes 2 s.
+    clock = iter([0.0, 8.0, 8.5, 9.0, 9.5, 9.5, 11.5, 12.0, 12.0])
+    monkeypatch.setattr(progress.time, "time", lambda: next(clock))
+    out = io.StringIO()
+    line = progress.EpochLine(epochs=4, monitor="val_ndcg@6", steps_per_epoch=4, stream=out, every_seconds=1e9)
+    line.on_epoch_begin(0)
+    for batch in range(4):
+        line.on_train_batch_end(batch)
+    line.on_test_begin()
+    line.on_test_batch_end(0)
+    line.on_test_batch_end(1)
+    line.on_epoch_end(0, {"loss": 1.0})
+    assert out.getvalue().splitlines()[-1].endswith("12.0s  ETA 6s")  # 3 epochs of 12 - 8 - 2 s
+    line.on_test_begin()  # a later validation, or one after the epochs: not counted
+    line.on_test_batch_end(0)
+    assert line.first_calls == 10.0
+    assert progress.steady_seconds([12.0], 10.0) == [2.0] and progress.steady_seconds([12.0], 13.0) == [12.0]
+
+
 def test_epoch_line_shows_progress_inside_a_long_epoch(monkeypatch):
     from dnr_tf import progress
 
