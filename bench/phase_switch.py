@@ -28,7 +28,6 @@ import argparse
 import hashlib
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -158,11 +157,12 @@ def main(argv=None) -> int:
     config, data_dir = os.path.abspath(args.config), os.path.abspath(args.data_dir)
 
     from bench.peak import measure
+    from bench.train_cost import machine
 
     work = args.work_dir or tempfile.mkdtemp(prefix="bench_phase_switch_")
     os.makedirs(work, exist_ok=True)
     result = {
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
+        "machine": machine(),  # with the CPU's model: runs on other CPUs can differ in their bits
         "config": config,
         "sets": args.set,
         "baseline": os.path.abspath(args.baseline) if args.baseline else None,

@@ -117,9 +117,8 @@ def _without_autotune_model(ds):
     both before and after 2026-12-07's change of the train step; gdb: `RootDataset::Iterator::~Iterator`
     waiting on the thread, itself waiting in `Model::OptimizeLoop`). Nothing here needs its tuning:
     the records are cached after the first epoch, and the same epoch times were measured without it
-    (docs/performance.md, issue 17). The
-    parallel calls and the prefetch buffer keep their own defaults; the order of the records, and
-    so every number, is unchanged (`deterministic=True`)."""
+    (docs/performance.md, issue 17). The parallel calls and the prefetch buffer keep their own
+    defaults; the order of the records, and so every number, is unchanged (`deterministic=True`)."""
     options = tf.data.Options()
     options.autotune.enabled = False
     return ds.with_options(options)

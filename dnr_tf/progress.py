@@ -63,6 +63,7 @@ class EpochLine(keras.callbacks.Callback):
         self.every = every_seconds
         self.seconds: list[float] = []
         self.first_calls = 0.0  # the first epoch's first train step and validation batch (tracing)
+        self.test_start = None  # the first epoch's validation, until its first batch ends
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
 
     def _print(self, text: str, end: str = "\n") -> None:
@@ -95,7 +96,7 @@ class EpochLine(keras.callbacks.Callback):
         self.test_start = time.time() if not self.seconds else None
 
     def on_test_batch_end(self, batch, logs=None):
-        if batch == 0 and getattr(self, "test_start", None) is not None:
+        if batch == 0 and self.test_start is not None:
             self.first_calls += time.time() - self.test_start
             self.test_start = None
 
