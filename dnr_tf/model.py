@@ -2,9 +2,9 @@
 
 Per batch (paper algorithm 1):
 1. sample x' from the active sampler: heuristic during the first `lambda_e` epochs, model-based
-   after (the switch is `set_sampler_phase`, called by `SamplerSchedule` at every epoch start; on
-   one replica the steps choose the phase in the graph, so the switch needs no new trace:
-   `_phase_in_graph`);
+   after (the switch is `set_sampler_phase`, called by `SamplerSchedule` at every epoch start; the
+   steps choose the phase in the graph, on one replica or several, so the switch needs no new
+   trace: `_phase_in_graph`);
 2. reranker step, generator fixed:  L_theta = L_direct(x) + lambda_m L_z(x')          (eq. 6)
        L_direct = BCE(z, q_theta(x)),  L_z = BCE(z, q_theta(x')), over unpadded candidates;
 3. generator step(s), reranker fixed (model-based phase only):
@@ -39,7 +39,7 @@ from dnr_tf.backbones import build_backbone
 from dnr_tf.backbones.base import float32, masked_bce
 from dnr_tf.config import ExperimentConfig
 from dnr_tf.metrics import RankingMetrics
-from dnr_tf.noise import GeneratorSampler, HeuristicSampler
+from dnr_tf.noise import GeneratorSampler, HeuristicSampler, global_batch_rows
 
 LOSS_TERMS = ("loss", "l_direct", "l_z", "l_adv", "l_x")
 # What `nonfinite_counts` counts, in its order (how the messages name them).
@@ -309,15 +309,12 @@ class DNRModel(keras.Model):
         """True when the train and test steps read the phase from `_phase` (`_PhaseFlag`) in the graph
         (a `tf.cond` around each phase's own work), so that the switch needs no new trace: a model
         with a generator, updated alternately (the simultaneous update changes the reranker's own
-        step), on one replica (on several, the generator's draw makes a `merge_call`, which a
-        replica's `cond` cannot hold: a RuntimeError under MultiWorkerMirroredStrategy as under
-        MirroredStrategy, tried 2026-12-07). Otherwise each phase has its own trace."""
+        step). Otherwise each phase has its own trace. On several replicas the noise's all-gather
+        of the replicas' batch sizes, a cross-replica call that a replica's `cond` cannot hold (a
+        RuntimeError under either strategy, 2026-12-07), is made before the `cond`, once a step
+        (`noise.global_batch_rows`)."""
         dnr = self.cfg.dnr
-        return (
-            self.generator is not None
-            and not (dnr.trains_generator and dnr.generator_update == "simultaneous")
-            and self.distribute_strategy.num_replicas_in_sync == 1
-        )
+        return self.generator is not None and not (dnr.trains_generator and dnr.generator_update == "simultaneous")
 
     def _by_phase(self, model_based, heuristic):
         """`model_based()` in the model-based phase, `heuristic()` before: chosen in the graph when
@@ -346,7 +343,8 @@ class DNRModel(keras.Model):
         """`[batch, list_size]` synthetic scores x' from the active sampler (`seed`: the training noise by
         default; callbacks pass their own so that they never move the training's random state)."""
         seed = self.noise_seed if seed is None else seed
-        return self._by_phase(lambda: self._generate(features, z, seed, training), lambda: self.heuristic(z, seed))
+        with global_batch_rows(ops.shape(z)[0]):
+            return self._by_phase(lambda: self._generate(features, z, seed, training), lambda: self.heuristic(z, seed))
 
     # --- steps -----------------------------------------------------------------------------------
 
@@ -466,6 +464,10 @@ class DNRModel(keras.Model):
         applied (neither model changes); it is counted in `nonfinite_counts` by term, and
         `NonFiniteGuard` stops the run or lets it go on (`train.on_nonfinite`)."""
         features, labels, _ = keras.utils.unpack_x_y_sample_weight(data)
+        with global_batch_rows(ops.shape(labels)[0]):
+            return self._train_step(features, labels)
+
+    def _train_step(self, features, labels):
         dnr = self.cfg.dnr
         losses, grads, gen_grads = self.compute_step(features, labels)
         flags = [
@@ -548,6 +550,10 @@ class DNRModel(keras.Model):
 
     def test_step(self, data):
         features, labels, _ = keras.utils.unpack_x_y_sample_weight(data)
+        with global_batch_rows(ops.shape(labels)[0]):
+            return self._test_step(features, labels)
+
+    def _test_step(self, features, labels):
         dnr = self.cfg.dnr
         l_direct, l_z, logits, mask, z = self._reranker_losses(features, labels, training=False)
         loss = l_direct + dnr.lambda_m * l_z if dnr.enabled else l_direct

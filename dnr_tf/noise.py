@@ -13,6 +13,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import keras
 import tensorflow as tf
 from keras import ops
@@ -47,6 +50,39 @@ def logit_mix(z, a, lambda_c: float):
     return ops.sigmoid(ops.log(m) - ops.log(1.0 - m) + lambda_c * a)
 
 
+# This replica's rows of the global batch, set by `global_batch_rows` for one step's trace. Thread-local:
+# MirroredStrategy traces each replica's step in a thread of its own.
+_rows = threading.local()
+
+
+def _replica_rows(ctx, batch):
+    """(offset, global batch) of this replica's `batch` rows: one all-gather of the replicas' sizes."""
+    sizes = ctx.all_gather(tf.reshape(tf.cast(batch, "int32"), [1]), axis=0)
+    replica = tf.cast(ctx.replica_id_in_sync_group, "int32")
+    return tf.reduce_sum(sizes[:replica]), tf.reduce_sum(sizes)
+
+
+@contextlib.contextmanager
+def global_batch_rows(batch):
+    """Within it, `draw_for_batch` places this replica's `batch` rows with one all-gather made here.
+
+    A train or test step enters it first, so that the all-gather (a cross-replica call) sits outside
+    the `tf.cond` that chooses the sampler: a replica's `cond` cannot hold one. It draws nothing, so
+    the random streams are those of a draw that gathers its own sizes. Every draw inside must be for
+    `batch` rows (a step's draws are for its lists). Does nothing with one replica, or inside
+    another `global_batch_rows` (the step's rows hold for its `sample_x`).
+    """
+    ctx = tf.distribute.get_replica_context()
+    if ctx is None or ctx.num_replicas_in_sync == 1 or getattr(_rows, "value", None) is not None:
+        yield
+        return
+    _rows.value = _replica_rows(ctx, batch)
+    try:
+        yield
+    finally:
+        _rows.value = None
+
+
 def draw_for_batch(draw, batch):
     """This replica's rows of `draw(rows)`, a random draw for the whole global batch.
 
@@ -54,16 +90,15 @@ def draw_for_batch(draw, batch):
     seed and keeps the rows of its own lists, so that the draws do not depend on how many replicas
     (or workers) share the batch: training under `--strategy` sees the noise one process sees. The
     batch is split across replicas in replica order (tf.distribute's split of a global batch);
-    `all_gather` of the per-replica sizes handles an uneven last batch. With one replica it is
-    `draw(batch)`.
+    `all_gather` of the per-replica sizes handles an uneven last batch (made once a step by
+    `global_batch_rows` when the step entered it). With one replica it is `draw(batch)`.
     """
     ctx = tf.distribute.get_replica_context()
     if ctx is None or ctx.num_replicas_in_sync == 1:
         return draw(batch)
-    sizes = ctx.all_gather(tf.reshape(tf.cast(batch, "int32"), [1]), axis=0)
-    replica = tf.cast(ctx.replica_id_in_sync_group, "int32")
-    offset = tf.reduce_sum(sizes[:replica])
-    return draw(tf.reduce_sum(sizes))[offset : offset + batch]
+    rows = getattr(_rows, "value", None)
+    offset, total = rows if rows is not None else _replica_rows(ctx, batch)
+    return draw(total)[offset : offset + batch]
 
 
 def fit_beta(mean: float, var: float) -> tuple[float, float]:

@@ -52,8 +52,12 @@ def main(data_dir: str, model_based: bool) -> dict:
 
     batch = next(iter(STRATEGY.experimental_distribute_dataset(tf.data.Dataset.from_tensors((features, labels)))))
 
+    traces = []
+
     @tf.function
     def replicated(features, labels):
+        traces.append(1)
+
         def step(features, labels):
             ctx = tf.distribute.get_replica_context()
             x = two.sample_x(features, targets(labels)[1])
@@ -69,7 +73,18 @@ def main(data_dir: str, model_based: bool) -> dict:
     losses_two = [float(v) for v in STRATEGY.experimental_local_results(losses_two)[0]]
     grads_two = STRATEGY.experimental_local_results(grads_two)[0]
     grads_one = list(grads_one) + list(gen_one or [])
+    switched = None
+    if not model_based:
+        # The alternating update reads the phase in the graph on two replicas too: after the switch,
+        # the same trace draws the generator's x', as one process does.
+        one.set_sampler_phase(True)
+        two.set_sampler_phase(True)
+        x_switched = tf.concat(STRATEGY.experimental_local_results(replicated(*batch)[0]), axis=0)
+        switched = float(tf.reduce_max(tf.abs(one.sample_x(features, z) - x_switched)))
     return {
+        "phase_in_graph": bool(two._phase_in_graph),
+        "traces": len(traces),
+        "switched_noise": switched,
         "replicas": int(STRATEGY.num_replicas_in_sync),
         "generator_grads": len(gen_one or []),
         "noise": float(tf.reduce_max(tf.abs(x_one - x_two))),

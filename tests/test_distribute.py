@@ -174,6 +174,13 @@ def test_one_step_on_two_replicas_is_the_step_of_one_process(synthetic_data):
         assert got["generator_grads"] == (5 if got["model_based"] else 0)
         assert got["l_z"] > 0.1
         assert got["noise"] == 0.0, "x' is drawn for the global batch, then split"
+        # The alternating update chooses the sampler in the graph on two replicas as on one: the
+        # switch retraces nothing and the generator's x' is one process's (the simultaneous update
+        # has a trace a phase).
+        assert got["phase_in_graph"] is (not got["model_based"])
+        assert got["traces"] == 1
+        if not got["model_based"]:
+            assert got["switched_noise"] == 0.0, "the generator's x' after the switch, on two replicas"
         assert got["losses"] < 1e-6
         assert got["gradients"] < 1e-5 * max(1.0, got["gradient_scale"])
 

@@ -1,8 +1,8 @@
 """The switch to the model-based sampler without a new trace (`DNRModel._phase_in_graph`).
 
-On one replica, with the generator updated alternately, the train and test steps hold both phases
-behind a `tf.cond` on the phase, traced once; the retraced steps (one graph a phase, what a
-distribution strategy or the simultaneous update still use) must train the same run bit for bit.
+With the generator updated alternately, the train and test steps hold both phases behind a
+`tf.cond` on the phase, traced once (on several replicas too: `test_distribute.py`); the retraced
+steps (one graph a phase, what the simultaneous update still uses) must train the same run bit for bit.
 """
 
 from __future__ import annotations
