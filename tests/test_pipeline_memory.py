@@ -59,29 +59,45 @@ def _write_window(directory, pairs: int, users: np.ndarray, seed: int) -> str:
     return os.fspath(directory / "window-train-*")
 
 
-def _peak_while_training(pattern: str, users: np.ndarray) -> int:
-    """Peak bytes traced while training one epoch on `pattern` and measuring the AUC on it."""
+def _peak_while_training(pattern: str, users: np.ndarray, monkeypatch) -> tuple[int, list[int]]:
+    """Peak bytes traced while training one epoch on `pattern` and measuring the AUC on it, and the
+    blocks each pass over the window was read in (counted as they stream: no pass of the test's own)."""
     cfg = RetrieverConfig(dim=8, epochs=1, batch_size=1024, shuffle_buffer=BLOCK)
+    blocks, pair_blocks = [], mf.pair_blocks
+
+    def counted(*args):
+        blocks.append(0)
+        for block in pair_blocks(*args):
+            blocks[-1] += 1
+            yield block
+            del block  # not held while the next block is read
+
+    monkeypatch.setattr(mf, "pair_blocks", counted)
     tracemalloc.start()
     try:
         mf.train_mf(pattern, {"window": pattern}, users, ITEMS, cfg, seed=0, progress=lambda line: None)
-        return tracemalloc.get_traced_memory()[1]
+        return tracemalloc.get_traced_memory()[1], blocks
     finally:
         tracemalloc.stop()
+        monkeypatch.setattr(mf, "pair_blocks", pair_blocks)
 
 
-def test_retriever_peak_memory_does_not_grow_when_the_window_doubles(tmp_path):
+def test_retriever_peak_memory_does_not_grow_when_the_window_doubles(tmp_path, monkeypatch):
     users = np.arange(1, 1_001) * 3
     more_users = np.arange(1, 2_001) * 3
     small = _write_window(tmp_path / "warmup", FILE_PAIRS, users[:100], seed=0)
     one = _write_window(tmp_path / "n", PAIRS, users, seed=1)
     two = _write_window(tmp_path / "2n", 2 * PAIRS, more_users, seed=2)
-    blocks = [len(list(mf.pair_blocks(p, u, ITEMS, BLOCK))) for p, u in ((one, users), (two, more_users))]
-    assert blocks[0] >= 4 and blocks[1] > blocks[0], f"blocks {blocks}: the window must stream"
 
-    _peak_while_training(small, users[:100])  # imports and TensorFlow's first traces, not measured
-    peak_n = _peak_while_training(one, users)
-    peak_2n = _peak_while_training(two, more_users)
+    # Imports (outside tracemalloc, which slows them tenfold) and TensorFlow's first traces, not measured.
+    assert sum(len(block) for block in mf.pair_blocks(small, users[:100], ITEMS, BLOCK)) == FILE_PAIRS
+    _peak_while_training(small, users[:100], monkeypatch)
+    peak_n, blocks_n = _peak_while_training(one, users, monkeypatch)
+    peak_2n, blocks_2n = _peak_while_training(two, more_users, monkeypatch)
+    # Each pass (the epoch's, the AUC's) streams the window in blocks, more of them for 2N.
+    assert len(blocks_n) == len(blocks_2n) >= 2, (blocks_n, blocks_2n)
+    for n, two_n in zip(blocks_n, blocks_2n):
+        assert n >= 4 and two_n > n, f"blocks {blocks_n}, {blocks_2n}: the window must stream"
 
     allowed = PAIRS * 16 // 4
     assert peak_2n - peak_n < allowed, (
