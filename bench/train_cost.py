@@ -81,6 +81,8 @@ def _config(path: str, overrides: list[str]):
 def machine() -> dict:
     import tensorflow as tf
 
+    from dnr_tf.provenance import cpu_id
+
     cpu = platform.processor()
     if os.path.exists("/proc/cpuinfo"):
         with open("/proc/cpuinfo") as f:
@@ -89,6 +91,7 @@ def machine() -> dict:
     return {
         "platform": platform.platform(),
         "cpu": cpu,
+        "cpu_id": "/".join(cpu_id()),  # vendor/family/model: "AMD EPYC" alone names several CPUs
         "cpus": os.cpu_count(),
         "tensorflow": tf.__version__,
         "python": platform.python_version(),

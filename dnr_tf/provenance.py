@@ -22,6 +22,22 @@ PACKAGE = os.path.dirname(os.path.abspath(__file__))
 REPORT_ONLY = frozenset({"experiments.py", "report.py", "headline.py", "stats.py", "provenance.py"})
 
 
+def cpu_id() -> tuple[str, str, str]:
+    """(vendor, family, model) of this CPU from /proc/cpuinfo, "?" where not known (not Linux).
+
+    The bits of a float32 training can depend on it: MF's tables, and so the ML-100K records, differ
+    between the Intel Xeon and the AMD EPYC VMs seen (README, "Records across CPUs")."""
+    fields: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    return fields.get("vendor_id", "?"), fields.get("cpu family", "?"), fields.get("model", "?")
+
+
 def code_fingerprint(package: str = PACKAGE) -> str:
     """12 hex digits of a SHA-256 over every training module of `package` (paths and bytes)."""
     digest = hashlib.sha256()

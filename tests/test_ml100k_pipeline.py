@@ -172,18 +172,6 @@ _RECORDS_BY_CPU = {
 }
 
 
-def _cpu() -> tuple[str, str, str]:
-    fields = {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                fields.setdefault(key.strip(), value.strip())
-    except OSError:  # not Linux: an unknown CPU, whose reference is built from git
-        pass
-    return fields.get("vendor_id", "?"), fields.get("cpu family", "?"), fields.get("model", "?")
-
-
 def _reference_records(cpu, ml100k_dir, tmp_path) -> str:
     """The fingerprint known for this CPU, or the one the reference commit's pipeline writes here."""
     for key, fingerprint in _RECORDS_BY_CPU.items():
@@ -220,8 +208,8 @@ def test_records_are_those_of_the_study(ml100k_data, ml100k_dir, tmp_path):
     # shuffle follows it): the records, in order, are those the code before issue 17's speed-ups
     # wrote on this CPU; on the study's machine, the study's (its cascade data set adds the
     # retrained retriever: fac3fda491e6). Parsed records, not bytes (provenance.records_fingerprint).
-    from dnr_tf.provenance import records_fingerprint
+    from dnr_tf.provenance import cpu_id, records_fingerprint
 
     out, _ = ml100k_data
-    cpu = _cpu()
+    cpu = cpu_id()  # not Linux: ("?", "?", "?"), an unknown CPU, whose reference is built from git
     assert records_fingerprint(str(out)) == _reference_records(cpu, ml100k_dir, tmp_path), f"CPU {cpu}"
