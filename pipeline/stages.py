@@ -22,7 +22,7 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from dnr_tf import schema as S
-from pipeline import protocol, stats
+from pipeline import protocol, sinks, stats
 from pipeline.config import MF_CANDIDATES, PipelineConfig, retrained_kind
 from pipeline.protocol import Interaction, stable_fraction
 from pipeline.sources import files
@@ -170,23 +170,28 @@ def kcore(timelines, min_count: int, iters: int, stat_parts: list):
     reached). Returns the timelines and the final (item, count) pairs.
     """
     items = timelines | "KCoreItemIds" >> beam.Map(lambda kv: (kv[0], tuple(r.item for r in kv[1])))
+    # The counts have no default element: an empty input reads the side inputs' defaults instead,
+    # which saves each global combine the two stages that would inject one.
     for it in range(iters):
-        counts = items | f"KCoreCount{it}" >> beam.CombineGlobally(_ItemCounts())
+        counts = items | f"KCoreCount{it}" >> beam.CombineGlobally(_ItemCounts()).without_defaults()
         rare = counts | f"KCoreRare{it}" >> beam.Map(_rare_items, min_count)
         items = items | f"KCorePass{it}" >> beam.FlatMap(
-            _kcore_pass, rare=beam.pvalue.AsSingleton(rare), min_count=min_count
+            _kcore_pass, rare=beam.pvalue.AsSingleton(rare, default_value=frozenset()), min_count=min_count
         )
         stat_parts.append(
             stats.total(items, f"kcore.interactions_after_pass.{it + 1}", f"KCoreSize{it}", lambda kv: len(kv[1]))
         )
-    final = items | "FinalCount" >> beam.CombineGlobally(_ItemCounts())
+    final = items | "FinalCount" >> beam.CombineGlobally(_ItemCounts()).without_defaults()
+    unconverged = "kcore.items_below_min_count_after_last_pass"
     stat_parts.append(
-        final
-        | "Unconverged" >> beam.Map(lambda counts: sum(int(n < min_count) for n in counts.values()))
-        | "KeyUnconverged" >> beam.Map(lambda n: ("kcore.items_below_min_count_after_last_pass", n))
+        stats.Summed(
+            final
+            | "Unconverged" >> beam.Map(lambda counts: (unconverged, sum(int(n < min_count) for n in counts.values()))),
+            unconverged,
+        )
     )
     kept = timelines | "KCoreKeep" >> beam.FlatMap(
-        _kcore_keep, final_counts=beam.pvalue.AsSingleton(final), min_count=min_count
+        _kcore_keep, final_counts=beam.pvalue.AsSingleton(final, default_value={}), min_count=min_count
     ).with_output_types(TimelineType)
     final_counts = final | "FinalItems" >> beam.FlatMap(lambda counts: sorted(counts.items()))
     return kept, final_counts
@@ -504,12 +509,8 @@ def write_rejects(rejects, output_dir: str, name: str, stat_parts: list) -> None
         _rejected.inc()
         return json.dumps(r, sort_keys=True)
 
-    _ = (
-        rejects
-        | "RejectsJson" >> beam.Map(counted)
-        | "WriteRejects"
-        >> beam.io.WriteToText(os.path.join(output_dir, f"rejects-{name}"), file_name_suffix=".jsonl", num_shards=1)
-    )
+    lines = rejects | "RejectsJson" >> beam.Map(counted)
+    sinks.write_one_file(lines, os.path.join(output_dir, f"rejects-{name}"), "WriteRejects", suffix=".jsonl")
     stat_parts.append(
         rejects
         | "RejectReason" >> beam.Map(lambda r: _reason_kind(r["reason"]))
@@ -563,17 +564,17 @@ def write_lists(records, cfg: PipelineConfig, output_dir: str, schema: S.RecordS
     stat_parts.append(records | "ListStats" >> stats.SplitListStats(cfg.k, cfg.seed))
     parts = records | "BySplit" >> beam.Partition(lambda r, _: ("train", "valid", "test").index(r["split"]), 3)
     # The model's vocabularies: what the train split shows it (other ids are out of vocabulary).
-    _ = (
+    items = (
         parts[0]
         | "TrainItems" >> beam.ParDo(_DistinctInBundle(lambda r: [*r[S.ITEM_IDS], *r[S.HISTORY]]))
         | "DistinctItems" >> beam.Distinct()
-        | "WriteItemVocab" >> beam.io.WriteToText(work_path(output_dir, "vocab-items"), num_shards=1)
     )
-    _ = (
-        parts[0]
-        | "TrainUsers" >> beam.Map(lambda r: r[S.USER_ID])
-        | "DistinctUsers" >> beam.Distinct()
-        | "WriteUserVocab" >> beam.io.WriteToText(work_path(output_dir, "vocab-users"), num_shards=1)
+    sinks.write_one_file(
+        items | "ItemVocabLines" >> beam.Map(str), work_path(output_dir, "vocab-items"), "WriteItemVocab"
+    )
+    users = parts[0] | "TrainUsers" >> beam.Map(lambda r: r[S.USER_ID]) | "DistinctUsers" >> beam.Distinct()
+    sinks.write_one_file(
+        users | "UserVocabLines" >> beam.Map(str), work_path(output_dir, "vocab-users"), "WriteUserVocab"
     )
     shards = cfg.output_shards
     for split, pcoll in zip(("train", "valid", "test"), parts):

@@ -47,21 +47,29 @@ class MeanDict(beam.CombineFn):
         return {k: s / n for k, (s, n) in sorted(acc.items()) if n}
 
 
-def count(pcoll, key: str, label: str):
-    """(key, number of elements) as a one-element PCollection."""
-    return (
-        pcoll | f"Count{label}" >> beam.combiners.Count.Globally() | f"Key{label}" >> beam.Map(lambda n, k=key: (k, n))
-    )
+class Summed:
+    """A count or a total: one `(key, n)` per element of a PCollection, not yet summed.
+
+    `write_stats` sums every `Summed` part of a stage in one `CombinePerKey`, with a `(key, 0)` for
+    each key so that an empty PCollection still reports 0. Integer sums do not depend on the order
+    they are taken in, so the figures are those of one `CombineGlobally` a key; the pipeline holds
+    one combine where it held one for each figure (each a global combine: a GroupByKey, a `Create`
+    and a side input for the default), a third of a small run's Beam stages.
+    """
+
+    def __init__(self, pairs, key: str):
+        self.pairs = pairs
+        self.key = key
 
 
-def total(pcoll, key: str, label: str, fn):
-    """(key, sum of fn(element))."""
-    return (
-        pcoll
-        | f"Measure{label}" >> beam.Map(fn)
-        | f"Sum{label}" >> beam.CombineGlobally(sum)
-        | f"Key{label}" >> beam.Map(lambda n, k=key: (k, n))
-    )
+def count(pcoll, key: str, label: str) -> Summed:
+    """The number of elements of `pcoll`, under `key`."""
+    return Summed(pcoll | f"Count{label}" >> beam.Map(lambda _, k=key: (k, 1)), key)
+
+
+def total(pcoll, key: str, label: str, fn) -> Summed:
+    """The sum of the integers `fn(element)` over `pcoll`, under `key`."""
+    return Summed(pcoll | f"Measure{label}" >> beam.Map(lambda x, k=key, f=fn: (k, f(x))), key)
 
 
 def list_stats_row(record: dict, k: int, seed: int) -> dict:
@@ -176,14 +184,24 @@ class SplitListStats(beam.PTransform):
         return (means, sizes) | "All" >> beam.Flatten()
 
 
+def stat_pairs(parts: list):
+    """The (key, value) pairs of `parts` as one PCollection: the `Summed` parts summed by key, all in
+    one combine (see `Summed`), and the others, PCollections of (key, value) pairs, as they are."""
+    summed = [part for part in parts if isinstance(part, Summed)]
+    pairs = [part for part in parts if not isinstance(part, Summed)]
+    if summed:
+        zeros = summed[0].pairs.pipeline | "StatsZeros" >> beam.Create([(part.key, 0) for part in summed])
+        sums = (zeros, *(part.pairs for part in summed)) | "FlattenSums" >> beam.Flatten()
+        pairs.append(sums | "SumStats" >> beam.CombinePerKey(sum))
+    return tuple(pairs) | "FlattenStats" >> beam.Flatten()
+
+
 def write_stats(parts: list, prefix: str) -> None:
-    """Writes the (key, value) pairs of `parts` as JSON lines into one file, for the driver."""
-    _ = (
-        tuple(parts)
-        | "FlattenStats" >> beam.Flatten()
-        | "StatsToJson" >> beam.Map(lambda kv: json.dumps({"key": kv[0], "value": kv[1]}))
-        | "WriteStatsFile" >> beam.io.WriteToText(prefix, file_name_suffix=".jsonl", num_shards=1)
-    )
+    """Writes the (key, value) pairs of `parts` (`stat_pairs`) as JSON lines into one file, for the driver."""
+    from pipeline.sinks import write_one_file
+
+    lines = stat_pairs(parts) | "StatsToJson" >> beam.Map(lambda kv: json.dumps({"key": kv[0], "value": kv[1]}))
+    write_one_file(lines, prefix, "WriteStatsFile", suffix=".jsonl")
 
 
 def merge_into(stats: dict, lines) -> dict:

@@ -567,6 +567,7 @@ def test_kcore_two_core_reaches_the_fixed_point():
     from apache_beam.testing.util import assert_that, equal_to
 
     from pipeline.stages import kcore
+    from pipeline.stats import stat_pairs
 
     I = _interaction  # noqa: E741
     with TestPipeline() as p:
@@ -575,7 +576,7 @@ def test_kcore_two_core_reaches_the_fixed_point():
         assert_that(kept, equal_to([(1, [I(1, 1, 1), I(1, 2, 2)]), (2, [I(2, 1, 1), I(2, 2, 2)])]), label="Kept")
         assert_that(item_counts, equal_to([(1, 2), (2, 2)]), label="Counts")
         assert_that(
-            tuple(stat_parts) | beam.Flatten(),
+            stat_pairs(stat_parts),
             equal_to(
                 [
                     ("kcore.interactions_after_pass.1", 5),
@@ -588,12 +589,67 @@ def test_kcore_two_core_reaches_the_fixed_point():
         )
 
 
+def test_counts_and_totals_are_summed_in_one_combine_and_an_empty_one_is_zero():
+    """`stats.count` and `stats.total` are summed by key in `stat_pairs`' one combine, with a zero for
+    every key (an empty PCollection reports 0, as a global combine did); other parts pass as they are."""
+    import apache_beam as beam
+    from apache_beam.testing.test_pipeline import TestPipeline
+    from apache_beam.testing.util import assert_that, equal_to
+
+    from pipeline import stats
+
+    with TestPipeline() as p:
+        words = p | "Words" >> beam.Create(["a", "bb", "ccc", "dddd", "bb"])
+        empty = p | "Empty" >> beam.Create([]).with_output_types(str)
+        parts = [
+            stats.count(words, "counts.words", "Words"),
+            stats.total(words, "counts.letters", "Letters", len),
+            stats.count(empty, "counts.none", "None"),
+            stats.total(empty, "counts.no_letters", "NoLetters", len),
+            stats.count(words | beam.Filter(lambda w: len(w) == 2), "counts.pairs", "Pairs"),
+            p | "Other" >> beam.Create([("splits.train.auc", 0.75)]),
+        ]
+        assert_that(
+            stats.stat_pairs(parts),
+            equal_to(
+                [
+                    ("counts.words", 5),
+                    ("counts.letters", 12),
+                    ("counts.none", 0),
+                    ("counts.no_letters", 0),
+                    ("counts.pairs", 2),
+                    ("splits.train.auc", 0.75),
+                ]
+            ),
+        )
+
+
+@pytest.mark.parametrize("lines", [["b", "a", "é \\u00e9", '{"key": 1}'], []])
+def test_write_one_file_writes_what_write_to_text_writes(tmp_path, lines):
+    """The file of `sinks.write_one_file` is `WriteToText(..., num_shards=1)`'s: its name, its lines
+    (in some order), and an empty file for an empty PCollection."""
+    import apache_beam as beam
+
+    from pipeline import sinks
+
+    with beam.Pipeline() as p:
+        pcoll = p | beam.Create(lines).with_output_types(str)
+        _ = pcoll | beam.io.WriteToText(os.fspath(tmp_path / "beam" / "x"), file_name_suffix=".jsonl", num_shards=1)
+        sinks.write_one_file(pcoll, os.fspath(tmp_path / "ours" / "x"), "Ours", suffix=".jsonl")
+    (theirs,) = (tmp_path / "beam").iterdir()
+    (ours,) = (tmp_path / "ours").iterdir()
+    assert ours.name == theirs.name == "x-00000-of-00001.jsonl"
+    assert sorted(ours.read_bytes().splitlines(keepends=True)) == sorted(theirs.read_bytes().splitlines(keepends=True))
+    assert len(ours.read_bytes().splitlines()) == len(lines)
+
+
 def test_kcore_reports_an_unreached_fixed_point():
     import apache_beam as beam
     from apache_beam.testing.test_pipeline import TestPipeline
     from apache_beam.testing.util import assert_that, equal_to
 
     from pipeline.stages import kcore
+    from pipeline.stats import stat_pairs
 
     I = _interaction  # noqa: E741
     with TestPipeline() as p:
@@ -604,7 +660,7 @@ def test_kcore_reports_an_unreached_fixed_point():
             kept, equal_to([(1, [I(1, 1, 1), I(1, 2, 2), I(1, 3, 3)]), (2, [I(2, 1, 1), I(2, 2, 2)])]), label="Kept"
         )
         assert_that(item_counts, equal_to([(1, 2), (2, 2), (3, 1)]), label="Counts")
-        assert_that(stat_parts[-1], equal_to([("kcore.items_below_min_count_after_last_pass", 1)]), label="Below")
+        assert_that(stat_pairs(stat_parts[-1:]), equal_to([("kcore.items_below_min_count_after_last_pass", 1)]))
 
 
 def _split_files(out, split):
