@@ -28,6 +28,9 @@ from pipeline.protocol import Interaction, stable_fraction
 from pipeline.sources import files
 from pipeline.sources.files import REJECTS, reject
 
+WINDOW_SPLITS = ("train", "heldout", "future")  # the retriever's window files (`write_window`)
+RECORD_SPLITS = ("train", "valid", "test")
+
 WORK = "_work"
 _rejected = Metrics.counter("dnr_tf", "rejected_records")
 
@@ -201,7 +204,8 @@ def _window_pairs(kv, cfg: PipelineConfig):
     """The retriever's training interactions of one user, tagged train / heldout by a stable hash.
 
     Each `user<TAB>item` line goes to the window file its stable hash picks (`write_window`); one
-    element is emitted per (split, file) and user, holding that user's lines, not one per line.
+    element, `((split, shard), lines)`, is emitted per (split, file) and user, holding that user's
+    lines, not one per line.
     """
     user, timeline = kv
     if cfg.protocol == "cascade":
@@ -221,8 +225,7 @@ def _window_pairs(kv, cfg: PipelineConfig):
     for r in future:
         line = f"{user}\t{r.item}"
         groups.setdefault(("future", _window_shard(seed, shards, line)), []).append(line)
-    for (split, shard), lines in groups.items():
-        yield beam.pvalue.TaggedOutput(split, (shard, lines))
+    yield from groups.items()
 
 
 def _window_shard(seed: int, shards: int, line: str) -> int:
@@ -244,25 +247,26 @@ class _WriteSortedShard(beam.DoFn):
         from apache_beam.io.filesystem import CompressionTypes
         from apache_beam.io.filesystems import FileSystems
 
-        shard, groups = kv
+        (split, shard), groups = kv
         lines = sorted(
             (line for lines in groups for line in lines),
             key=lambda line: (stable_fraction(self._seed, "order", line), line),
         )
-        path = f"{self._prefix}-{shard:05d}-of-{self._shards:05d}.tsv.gz"
+        path = f"{self._prefix}-{split}-{shard:05d}-of-{self._shards:05d}.tsv.gz"
         with FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
             # Level 1: as small as level 9 on these lines of ids (measured), and about 15x faster.
             f.write(gzip.compress(("\n".join(lines) + "\n").encode(), compresslevel=1, mtime=0))
         yield len(lines)
 
 
-def write_window(pcoll, cfg: PipelineConfig, prefix: str, label: str):
-    """(file, lines) groups (`_window_pairs`) into `window_shards` files of `user<TAB>item` lines."""
+def write_window(pcoll, cfg: PipelineConfig, prefix: str):
+    """((split, file), lines) groups (`_window_pairs`) into `window_shards` files a split of
+    `user<TAB>item` lines, `<prefix>-<split>-SSSSS-of-NNNNN.tsv.gz`: one GroupByKey for the three."""
     shards, seed = cfg.retriever.window_shards, cfg.seed
     return (
         pcoll
-        | f"GroupShard{label}" >> beam.GroupByKey()
-        | f"WriteShard{label}" >> beam.ParDo(_WriteSortedShard(prefix, shards, seed))
+        | "GroupWindowShard" >> beam.GroupByKey()
+        | "WriteWindowShard" >> beam.ParDo(_WriteSortedShard(prefix, shards, seed))
     )
 
 
@@ -303,15 +307,10 @@ def interactions_stage(p, read, cfg: PipelineConfig, output_dir: str) -> None:
         | "ItemIds" >> beam.Map(lambda kv: str(kv[0]))
         | "WriteItems" >> beam.io.WriteToText(work_path(output_dir, "items"), file_name_suffix=".txt")
     )
-    window = timelines | "RetrieverWindow" >> beam.FlatMap(_window_pairs, cfg).with_outputs(
-        "train", "heldout", "future"
-    )
-    for split in ("train", "heldout", "future"):
-        pcoll = getattr(window, split)
-        write_window(pcoll, cfg, work_path(output_dir, f"window-{split}"), split)
-        stat_parts.append(
-            stats.total(pcoll, f"retriever.window_{split}_interactions", f"Window{split}", lambda kv: len(kv[1]))
-        )
+    window = timelines | "RetrieverWindow" >> beam.FlatMap(_window_pairs, cfg)
+    write_window(window, cfg, work_path(output_dir, "window"))
+    sizes = window | "WindowSizes" >> beam.Map(lambda kv: (f"retriever.window_{kv[0][0]}_interactions", len(kv[1])))
+    stat_parts.append(stats.Summed(sizes, *(f"retriever.window_{split}_interactions" for split in WINDOW_SPLITS)))
     rejects = (parsed[REJECTS], ordered[REJECTS]) | "AllRejects" >> beam.Flatten()
     write_rejects(rejects, output_dir, "interactions", stat_parts)
     stats.write_stats(stat_parts, work_path(output_dir, "stats-stage1"))
@@ -437,8 +436,7 @@ def lists_stage(
         | "BuildLists"
         >> beam.ParDo(_BuildLists(cfg, retriever_dir, retrained_dir)).with_outputs("counts", main="records")
     )
-    counts = built.counts | "SumListCounts" >> beam.CombinePerKey(sum)
-    write_lists(built.records, cfg, output_dir, schema, [counts], "stats-stage2")
+    write_lists(built.records, cfg, output_dir, schema, [stats.Summed(built.counts)], "stats-stage2")
 
 
 # --- lists sources (logged, synthetic) ---------------------------------------------------------
@@ -511,12 +509,8 @@ def write_rejects(rejects, output_dir: str, name: str, stat_parts: list) -> None
 
     lines = rejects | "RejectsJson" >> beam.Map(counted)
     sinks.write_one_file(lines, os.path.join(output_dir, f"rejects-{name}"), "WriteRejects", suffix=".jsonl")
-    stat_parts.append(
-        rejects
-        | "RejectReason" >> beam.Map(lambda r: _reason_kind(r["reason"]))
-        | "CountReasons" >> beam.combiners.Count.PerElement()
-        | "KeyReasons" >> beam.Map(lambda kv: (f"rejects.{kv[0]}", kv[1]))
-    )
+    reasons = rejects | "RejectReason" >> beam.Map(lambda r: (f"rejects.{_reason_kind(r['reason'])}", 1))
+    stat_parts.append(stats.Summed(reasons))
 
 
 def _reason_kind(reason: str) -> str:
@@ -576,16 +570,18 @@ def write_lists(records, cfg: PipelineConfig, output_dir: str, schema: S.RecordS
     sinks.write_one_file(
         users | "UserVocabLines" >> beam.Map(str), work_path(output_dir, "vocab-users"), "WriteUserVocab"
     )
+    # Every split's shards from one GroupByKey; each (split, shard) gets a file, empty or not.
     shards = cfg.output_shards
-    for split, pcoll in zip(("train", "valid", "test"), parts):
-        keyed = pcoll | f"Serialize{split}" >> beam.Map(_keyed_example, schema=schema, shards=shards)
-        every = pcoll.pipeline | f"Shards{split}" >> beam.Create([(i, None) for i in range(shards)])
-        _ = (
-            (keyed, every)
-            | f"AllShards{split}" >> beam.Flatten()
-            | f"GroupShard{split}" >> beam.GroupByKey()
-            | f"Write{split}" >> beam.ParDo(_WriteRecordShard(os.path.join(output_dir, split), shards))
-        )
+    keyed = records | "Serialize" >> beam.Map(_keyed_example, schema=schema, shards=shards)
+    every = records.pipeline | "EveryShard" >> beam.Create(
+        [((s, i), None) for s in RECORD_SPLITS for i in range(shards)]
+    )
+    _ = (
+        (keyed, every)
+        | "AllShards" >> beam.Flatten()
+        | "GroupShard" >> beam.GroupByKey()
+        | "WriteShard" >> beam.ParDo(_WriteRecordShard(output_dir, shards))
+    )
     stats.write_stats(stat_parts, work_path(output_dir, stats_name))
 
 
@@ -598,9 +594,9 @@ def record_order(record) -> tuple:
 
 
 def _keyed_example(record, schema: S.RecordSchema, shards: int):
-    """(shard, (order, serialized example)); the shard is a stable hash of the request id."""
+    """((split, shard), (order, serialized example)); the shard is a stable hash of the request id."""
     shard = int(stable_fraction("shard", str(record[S.REQUEST_ID])) * shards)
-    return shard, (record_order(record), S.to_example(record, schema))
+    return (record["split"], shard), (record_order(record), S.to_example(record, schema))
 
 
 def _tfrecord(data: bytes) -> bytes:
@@ -628,16 +624,16 @@ class _WriteRecordShard(beam.DoFn):
     for data sets whose split does not fit. A retried bundle rewrites the same file.
     """
 
-    def __init__(self, prefix: str, shards: int):
-        self._prefix, self._shards = prefix, shards
+    def __init__(self, output_dir: str, shards: int):
+        self._output_dir, self._shards = output_dir, shards
 
     def process(self, kv):
         from apache_beam.io.filesystem import CompressionTypes
         from apache_beam.io.filesystems import FileSystems
 
-        shard, items = kv
+        (split, shard), items = kv
         records = sorted((item for item in items if item is not None), key=lambda item: item[0])
-        path = f"{self._prefix}-{shard:05d}-of-{self._shards:05d}.tfrecord.gz"
+        path = os.path.join(self._output_dir, f"{split}-{shard:05d}-of-{self._shards:05d}.tfrecord.gz")
         with FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
             # Level 6 (zlib's default): 1% larger than Python's default 9, twice as fast.
             with gzip.GzipFile(fileobj=f, mode="wb", compresslevel=6, mtime=0) as z:

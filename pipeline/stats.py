@@ -48,18 +48,19 @@ class MeanDict(beam.CombineFn):
 
 
 class Summed:
-    """A count or a total: one `(key, n)` per element of a PCollection, not yet summed.
+    """Integers to sum by key: a PCollection of `(key, n)` pairs, not yet summed, and the keys that
+    must be reported even when no pair holds them (as 0).
 
-    `write_stats` sums every `Summed` part of a stage in one `CombinePerKey`, with a `(key, 0)` for
-    each key so that an empty PCollection still reports 0. Integer sums do not depend on the order
-    they are taken in, so the figures are those of one `CombineGlobally` a key; the pipeline holds
-    one combine where it held one for each figure (each a global combine: a GroupByKey, a `Create`
-    and a side input for the default), a third of a small run's Beam stages.
+    `stat_pairs` sums every `Summed` part of a stage in one `CombinePerKey`, with a `(key, 0)` for
+    each of `zero_keys`, so that a count of an empty PCollection is still 0. Integer sums do not
+    depend on the order they are taken in, so the figures are those of a combine a figure; the
+    pipeline holds one combine where it held one for each figure (most of them global combines,
+    each a GroupByKey, a `Create` and a side input for its default element).
     """
 
-    def __init__(self, pairs, key: str):
+    def __init__(self, pairs, *zero_keys: str):
         self.pairs = pairs
-        self.key = key
+        self.zero_keys = zero_keys
 
 
 def count(pcoll, key: str, label: str) -> Summed:
@@ -190,7 +191,9 @@ def stat_pairs(parts: list):
     summed = [part for part in parts if isinstance(part, Summed)]
     pairs = [part for part in parts if not isinstance(part, Summed)]
     if summed:
-        zeros = summed[0].pairs.pipeline | "StatsZeros" >> beam.Create([(part.key, 0) for part in summed])
+        zeros = summed[0].pairs.pipeline | "StatsZeros" >> beam.Create(
+            [(k, 0) for part in summed for k in part.zero_keys]
+        )
         sums = (zeros, *(part.pairs for part in summed)) | "FlattenSums" >> beam.Flatten()
         pairs.append(sums | "SumStats" >> beam.CombinePerKey(sum))
     return tuple(pairs) | "FlattenStats" >> beam.Flatten()
