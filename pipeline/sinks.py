@@ -3,7 +3,7 @@
 `WriteToText(prefix, file_name_suffix=suffix, num_shards=1)` writes its one file through a
 composite of about a dozen transforms (a `Create` and side inputs to initialise and finalise the
 write, a temporary directory, a rename), each a stage of its own on the DirectRunner: about 0.1 s a
-file on a 2-core machine, which the pipeline's small files (statistics, vocabularies, rejects: five
+file on a 2-core machine, which the pipeline's small files (statistics, vocabularies, rejects: seven
 a cascade run) paid on every run, a small data set's run about 2.5 s in all. `write_one_file`
 writes the same file, `<prefix>-00000-of-00001<suffix>` with one line an element (an empty
 PCollection gives an empty file), from one `GroupByKey`. It writes in place: the pipeline's output

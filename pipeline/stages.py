@@ -297,16 +297,11 @@ def interactions_stage(p, read, cfg: PipelineConfig, output_dir: str) -> None:
         | "TimelineJson" >> beam.MapTuple(_timeline_json)
         | "WriteTimelines" >> beam.io.WriteToText(work_path(output_dir, "timelines"), file_name_suffix=".jsonl.gz")
     )
-    _ = (
-        timelines
-        | "UserIds" >> beam.Map(lambda kv: str(kv[0]))
-        | "WriteUsers" >> beam.io.WriteToText(work_path(output_dir, "users"), file_name_suffix=".txt")
-    )
-    _ = (
-        item_counts
-        | "ItemIds" >> beam.Map(lambda kv: str(kv[0]))
-        | "WriteItems" >> beam.io.WriteToText(work_path(output_dir, "items"), file_name_suffix=".txt")
-    )
+    # The retriever's vocabularies, one file each: the driver reads them whole.
+    users = timelines | "UserIds" >> beam.Map(lambda kv: str(kv[0]))
+    sinks.write_one_file(users, work_path(output_dir, "users"), "WriteUsers", suffix=".txt")
+    items = item_counts | "ItemIds" >> beam.Map(lambda kv: str(kv[0]))
+    sinks.write_one_file(items, work_path(output_dir, "items"), "WriteItems", suffix=".txt")
     window = timelines | "RetrieverWindow" >> beam.FlatMap(_window_pairs, cfg)
     write_window(window, cfg, work_path(output_dir, "window"))
     sizes = window | "WindowSizes" >> beam.Map(lambda kv: (f"retriever.window_{kv[0][0]}_interactions", len(kv[1])))
