@@ -1,7 +1,8 @@
 """Statistics as Beam PCollections of (dotted key, value), merged into `stats.json` by the driver.
 
-Counting through PCollections (not runner metrics) makes the figures the same on every runner,
-and they are written next to the data they describe.
+Counting through PCollections (not runner metrics) makes the counts the same on every runner
+(the means of per-list figures to their last bit: they sum floats in the order the runner hands
+over the lists), and they are written next to the data they describe.
 """
 
 from __future__ import annotations
