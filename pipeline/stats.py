@@ -16,6 +16,7 @@ import numpy as np
 from dnr_tf import reference_metrics as M
 from dnr_tf import schema as S
 from pipeline.protocol import stable_fraction
+from pipeline.sinks import write_one_file
 
 RANK_BUCKETS = ((1, 6), (7, 10), (11, 20), (21, 30), (31, 40), (41, 50))
 
@@ -192,18 +193,16 @@ def stat_pairs(parts: list):
     summed = [part for part in parts if isinstance(part, Summed)]
     pairs = [part for part in parts if not isinstance(part, Summed)]
     if summed:
-        zeros = summed[0].pairs.pipeline | "StatsZeros" >> beam.Create(
-            [(k, 0) for part in summed for k in part.zero_keys]
-        )
-        sums = (zeros, *(part.pairs for part in summed)) | "FlattenSums" >> beam.Flatten()
-        pairs.append(sums | "SumStats" >> beam.CombinePerKey(sum))
+        sums = [part.pairs for part in summed]
+        zeros = [(k, 0) for part in summed for k in part.zero_keys]
+        if zeros:
+            sums.append(summed[0].pairs.pipeline | "StatsZeros" >> beam.Create(zeros))
+        pairs.append(tuple(sums) | "FlattenSums" >> beam.Flatten() | "SumStats" >> beam.CombinePerKey(sum))
     return tuple(pairs) | "FlattenStats" >> beam.Flatten()
 
 
 def write_stats(parts: list, prefix: str) -> None:
     """Writes the (key, value) pairs of `parts` (`stat_pairs`) as JSON lines into one file, for the driver."""
-    from pipeline.sinks import write_one_file
-
     lines = stat_pairs(parts) | "StatsToJson" >> beam.Map(lambda kv: json.dumps({"key": kv[0], "value": kv[1]}))
     write_one_file(lines, prefix, "WriteStatsFile", suffix=".jsonl")
 
