@@ -108,11 +108,14 @@ def test_skip_policy_finishes_with_finite_weights_and_counts(nan_skip_run):
     assert all(np.all(np.isfinite(v.numpy())) for v in model.reranker.weights)
 
 
-def test_resume_on_other_data_fails_before_any_work(synthetic_data, tmp_path, capsys):
-    data_dir = synthetic_data[0]
+def test_resume_on_other_data_fails_before_any_work(nan_skip_run, tmp_path, capsys):
+    """A copy of conftest's finished `nan_skip_run` (the suite's time: not trained again), resumed with
+    its own command on other data."""
+    data_dir = nan_skip_run["data_dir"]
     run_dir = tmp_path / "run"
-    args = ["--config", SMOKE, "--data_dir", str(data_dir), "--model_dir", str(run_dir), "--set", "train.epochs=1"]
-    assert main(args) == 0
+    shutil.copytree(nan_skip_run["run"], run_dir)
+    args = ["--config", SMOKE, "--data_dir", str(data_dir), "--model_dir", str(run_dir)]
+    args += ["--set", "model.dropout=0", "--set", "train.on_nonfinite=skip"]
     # A run killed after its first epoch leaves a backup; pretend so, then point it at other data.
     (run_dir / "backup").mkdir()
     (run_dir / "backup" / "state.json").write_text(json.dumps({"epoch": 1}))
