@@ -29,7 +29,7 @@ from pipeline.sources import files
 from pipeline.sources.files import REJECTS, reject
 
 WINDOW_SPLITS = ("train", "heldout", "future")  # the retriever's window files (`write_window`)
-RECORD_SPLITS = ("train", "valid", "test")
+RECORD_SPLITS = ("train", "valid", "test")  # the TFRecord splits (`write_lists`), dnr_tf.data.SPLITS
 
 WORK = "_work"
 _rejected = Metrics.counter("dnr_tf", "rejected_records")
@@ -551,17 +551,17 @@ def write_lists(records, cfg: PipelineConfig, output_dir: str, schema: S.RecordS
     """Per-split serialization and gzip TFRecord shards, plus the split statistics."""
     stat_parts = list(stat_parts)
     stat_parts.append(records | "ListStats" >> stats.SplitListStats(cfg.k, cfg.seed))
-    parts = records | "BySplit" >> beam.Partition(lambda r, _: ("train", "valid", "test").index(r["split"]), 3)
     # The model's vocabularies: what the train split shows it (other ids are out of vocabulary).
+    train = records | "TrainLists" >> beam.Filter(lambda r: r["split"] == "train")
     items = (
-        parts[0]
+        train
         | "TrainItems" >> beam.ParDo(_DistinctInBundle(lambda r: [*r[S.ITEM_IDS], *r[S.HISTORY]]))
         | "DistinctItems" >> beam.Distinct()
     )
     sinks.write_one_file(
         items | "ItemVocabLines" >> beam.Map(str), work_path(output_dir, "vocab-items"), "WriteItemVocab"
     )
-    users = parts[0] | "TrainUsers" >> beam.Map(lambda r: r[S.USER_ID]) | "DistinctUsers" >> beam.Distinct()
+    users = train | "TrainUsers" >> beam.Map(lambda r: r[S.USER_ID]) | "DistinctUsers" >> beam.Distinct()
     sinks.write_one_file(
         users | "UserVocabLines" >> beam.Map(str), work_path(output_dir, "vocab-users"), "WriteUserVocab"
     )
